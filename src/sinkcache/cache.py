@@ -1,0 +1,401 @@
+"""SinkCache: the StreamingLLM cache (attention sinks + a rolling window) as a transformers 5 ``Cache``.
+
+Position contract
+-----------------
+Before token ``t`` is processed the cache holds the stream's first ``num_sink_tokens`` tokens and the most recent
+``window_length - num_sink_tokens`` tokens before ``t``. Token ``t`` attends to those and to itself and is queried at
+position ``L`` (the number of cached tokens); cached token ``j`` (in stream order) sits at position ``j``: exactly as
+if the kept tokens had been re-encoded contiguously. Then the oldest non-sink token is evicted.
+
+A forward call with ``n > 1`` new tokens (a chunk) evicts nothing while it runs: chunk token ``i`` sees the ``L``
+cached tokens plus chunk tokens ``0..i``, at positions ``0..L+i``; eviction back to ``window_length`` happens before
+the next call. With one token per call this is the contract above.
+
+Storage (why it is cheap)
+-------------------------
+Each layer owns one preallocated buffer per key/value of ``window_length + slack`` slots, and tokens are written in
+stream order, so the tokens a step attends to are always one contiguous slice: a view, never a copy, and the
+standard causal / sliding-window masks of transformers apply unchanged (slot distance == in-cache distance).
+
+* Positions are ``slot - offset``: window keys keep the rotation they were given when they arrived, and the query
+  gets the next position, so their distances are right without touching them.
+* The sinks are the only tokens that move: each step they are written into the ``num_sink_tokens`` slots just
+  before the oldest window token, rotated in float32 from a stored copy of their *unrotated* keys (one rounding,
+  however long the stream).
+* Every ``slack`` tokens the live slice is copied back to the start of the buffer (compaction), and about every
+  ``window_length`` tokens the offset is re-based so positions stay below ``2 * window_length``; each window key is
+  re-rotated (float32, one rounding) at most once in its life. Per token the amortised work is O(sinks + 1).
+
+Batches may be left-padded: padding slots are masked and zeroed, never become sinks, and each row's sinks are its own
+first real tokens. Padding after a row's first real token is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .rotary import RopeSpec, rotate
+
+_NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
+
+
+class NotEnabledError(RuntimeError):
+    """A SinkCache was driven by a forward pass that did not go through ``enable_streaming``'s hook."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything a layer needs to apply one forward step; computed once per step by ``SinkCache.begin_step``.
+
+    All slot numbers are absolute stream slots (``0, 1, ...`` over every column ever fed, padding included).
+    """
+
+    step: int
+    start: int  # first token consumed before this step (== tokens seen so far)
+    num_new: int  # tokens in this forward call
+    region_start: int  # first slot attended to: the sinks of full rows start here
+    base: int  # absolute slot of buffer index 0, after any compaction this step
+    old_base: int  # ... before it
+    capacity: int  # buffer slots, after any growth this step
+    shift: int  # positions subtract this much this step (re-base); window keys rotate by -shift
+    offset: int  # position of slot s is s - offset (after the re-base)
+    full_rows: torch.Tensor | None  # [batch] bool: rows whose sinks must be written; None when no row is full
+    all_full: bool
+    new_mask: torch.Tensor | None  # [batch, num_new] bool validity of the new tokens; None when all valid
+    sink_rows: torch.Tensor | None  # new tokens that are sinks: row index, sink index, column index in the chunk
+    sink_ids: torch.Tensor | None
+    sink_cols: torch.Tensor | None
+
+
+class SinkLayer(CacheLayerMixin):
+    """One decoder layer's storage. It holds no policy: it applies the ``StepPlan`` of its parent ``SinkCache``."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, parent: SinkCache, layer_idx: int):
+        super().__init__()
+        self.parent = parent
+        self.layer_idx = layer_idx
+        self.applied_step = -1
+        self.sink_keys: torch.Tensor | None = None  # [batch, heads, sinks, head_dim] float32, unrotated
+        self.sink_values: torch.Tensor | None = None
+        self.inv_freq: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        plan, parent = self.parent.plan, self.parent
+        assert plan is not None and parent.rope is not None
+        batch, heads, _, head_dim = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(batch, heads, plan.capacity, head_dim)
+        self.values = value_states.new_zeros(batch, heads, plan.capacity, value_states.shape[-1])
+        sinks = parent.num_sink_tokens
+        self.sink_keys = key_states.new_zeros(batch, heads, sinks, head_dim, dtype=torch.float32)
+        self.sink_values = value_states.new_zeros(batch, heads, sinks, value_states.shape[-1])
+        self.inv_freq = parent.rope.inv_freq_per_layer[self.layer_idx].to(self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Store the new (already rotated) keys/values and return the keys/values this step attends to.
+
+        Returns views of the buffer: ``[batch, heads, tokens_attended, head_dim]`` in stream order, sinks first.
+        """
+        plan = self.parent.plan
+        if plan is None or self.applied_step == plan.step:
+            raise NotEnabledError(
+                "SinkCache received keys from a forward pass it was not prepared for. Call "
+                "sinkcache.enable_streaming(model) once before using a SinkCache: it assigns the positions "
+                "inside the cache that the model needs."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif self.applied_step != plan.step - 1:
+            raise RuntimeError("A previous forward pass on this SinkCache did not finish; call cache.reset().")
+        self.applied_step = plan.step
+        if key_states.shape[0] != self.keys.shape[0] or key_states.shape[-2] != plan.num_new:
+            raise ValueError(
+                f"SinkCache layer {self.layer_idx} expected keys for batch {self.keys.shape[0]} and "
+                f"{plan.num_new} tokens, got {tuple(key_states.shape)}."
+            )
+        self._relocate(plan)
+        lo, now = plan.region_start - plan.base, plan.start - plan.base
+        if plan.shift:
+            shift = torch.tensor(-plan.shift, device=self.device)
+            self.keys[:, :, lo:now] = rotate(self.keys[:, :, lo:now], shift, self.inv_freq).to(self.dtype)
+        if plan.full_rows is not None:
+            self._write_sinks(plan, lo)
+        if plan.new_mask is not None:  # zero padding so that nothing (not even NaN) leaks from masked slots
+            keep = plan.new_mask.to(self.device)[:, None, :, None]
+            key_states = key_states.masked_fill(~keep, 0)
+            value_states = value_states.masked_fill(~keep, 0)
+        if plan.sink_rows is not None:
+            self._capture_sinks(plan, key_states, value_states)
+        end = now + plan.num_new
+        self.keys[:, :, now:end] = key_states
+        self.values[:, :, now:end] = value_states
+        return self.keys[:, :, lo:end], self.values[:, :, lo:end]
+
+    def _relocate(self, plan: StepPlan) -> None:
+        """Compaction (and growth or shrinking): move the live slots to the start of a buffer of plan.capacity."""
+        if plan.base == plan.old_base and plan.capacity == self.keys.shape[-2]:
+            return
+        src = slice(plan.region_start - plan.old_base, plan.start - plan.old_base)
+        live = plan.start - plan.region_start
+        if plan.capacity == self.keys.shape[-2]:
+            self.keys[:, :, :live] = self.keys[:, :, src].clone()
+            self.values[:, :, :live] = self.values[:, :, src].clone()
+            return
+        keys = self.keys.new_zeros(*self.keys.shape[:2], plan.capacity, self.keys.shape[-1])
+        values = self.values.new_zeros(*self.values.shape[:2], plan.capacity, self.values.shape[-1])
+        keys[:, :, :live], values[:, :, :live] = self.keys[:, :, src], self.values[:, :, src]
+        self.keys, self.values = keys, values
+
+    def _write_sinks(self, plan: StepPlan, lo: int) -> None:
+        """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
+        assert self.sink_keys is not None and self.sink_values is not None
+        sinks = self.sink_keys.shape[-2]
+        positions = torch.arange(sinks, device=self.device) + (plan.region_start - plan.offset)
+        sink_keys = rotate(self.sink_keys, positions, self.inv_freq).to(self.dtype)
+        where = slice(lo, lo + sinks)
+        if plan.all_full:
+            self.keys[:, :, where] = sink_keys
+            self.values[:, :, where] = self.sink_values
+        else:
+            full = plan.full_rows.to(self.device)[:, None, None, None]
+            self.keys[:, :, where] = torch.where(full, sink_keys, self.keys[:, :, where])
+            self.values[:, :, where] = torch.where(full, self.sink_values, self.values[:, :, where])
+
+    def _capture_sinks(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Keep an unrotated float32 copy of each row's first tokens: every later sink write starts from it."""
+        assert self.sink_keys is not None and self.sink_values is not None
+        rows, ids, cols = (t.to(self.device) for t in (plan.sink_rows, plan.sink_ids, plan.sink_cols))
+        positions = (cols + (plan.start - plan.offset))[:, None]  # [m, 1] broadcast over heads
+        self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions, self.inv_freq)
+        self.sink_values[rows, :, ids] = value_states[rows, :, cols]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.parent.mask_sizes()
+
+    def get_seq_length(self) -> int:
+        return self.parent.seen
+
+    def get_max_length(self) -> int:
+        return -1  # the stream is unbounded; what is kept is bounded by window_length
+
+    def reset(self) -> None:
+        self.keys = self.values = self.sink_keys = self.sink_values = None
+        self.is_initialized = False
+        self.applied_step = -1
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            assert self.sink_keys is not None and self.sink_values is not None
+            index = index.to(self.device)
+            self.keys, self.values = self.keys[index], self.values[index]
+            self.sink_keys, self.sink_values = self.sink_keys[index], self.sink_values[index]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "SinkCache cannot be cropped: evicted tokens are gone, so it cannot roll back. Assisted/speculative "
+            "decoding and other callers of crop() need a DynamicCache."
+        )
+
+
+class SinkCache(Cache):
+    """A KV cache that keeps the first ``num_sink_tokens`` tokens forever plus a rolling window of recent tokens.
+
+    Args:
+        window_length: total number of cached tokens, sinks included (as in transformers' former SinkCache).
+        num_sink_tokens: how many of the stream's first tokens are kept forever (the attention sinks).
+
+    Use it through ``sinkcache.enable_streaming(model)``, which installs the hook that gives each forward call
+    its positions and mask from ``begin_step``. See the module docstring for the exact position contract.
+    """
+
+    def __init__(self, window_length: int = 1024, num_sink_tokens: int = 4):
+        for name, value in (("window_length", window_length), ("num_sink_tokens", num_sink_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"SinkCache {name} must be an int, got {type(value).__name__} {value!r}.")
+            if value < 0:
+                raise ValueError(f"SinkCache {name} must be >= 0, got {value}.")
+        if window_length <= num_sink_tokens:
+            raise ValueError(
+                f"SinkCache window_length ({window_length}) must be larger than num_sink_tokens ({num_sink_tokens}): "
+                "it counts the sinks plus at least one recent token. Increase window_length."
+            )
+        super().__init__(layers=[])
+        self.window_length = window_length
+        self.num_sink_tokens = num_sink_tokens
+        self.slack = max(16, window_length // 4)  # compaction every `slack` tokens copies the window once
+        self.rope: RopeSpec | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream: the cache can then serve a new one (any batch size) on the same model."""
+        self.layers = []
+        self.seen = 0  # columns fed so far, padding included (what generate() calls the sequence length)
+        self.base = 0
+        self.offset = 0
+        self.step = -1
+        self.plan: StepPlan | None = None
+        self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
+
+    def __repr__(self) -> str:
+        return (f"SinkCache(window_length={self.window_length}, num_sink_tokens={self.num_sink_tokens}, "
+                f"seen={self.seen}, layers={len(self.layers)})")
+
+    # ---- the policy: one step ------------------------------------------------------------------------------
+    def begin_step(self, new_mask: torch.Tensor, rope: RopeSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Plan the next forward call and return its ``(position_ids, attention_mask)`` for the model.
+
+        Args:
+            new_mask: ``[batch, num_new]`` bool, which new columns are real tokens (False = padding).
+            rope: the model's rotary spec; a cache serves one model only.
+
+        Returns:
+            ``position_ids`` ``[batch, num_new]`` (CPU, long) and a 2D validity mask over buffer slots
+            ``[batch, base .. end)`` (CPU, bool), or ``None`` when every attended slot is valid.
+        """
+        if self.rope is not None and self.rope.model_id != rope.model_id:
+            raise ValueError("This SinkCache was used with another model; create one SinkCache per model.")
+        self.rope = rope
+        new_mask = new_mask.to("cpu", torch.bool)
+        batch, n = new_mask.shape
+        if n == 0:
+            raise ValueError("SinkCache: a forward call must contain at least one token.")
+        if self.first_real is None:
+            self.first_real = torch.full((batch,), _NO_TOKEN, dtype=torch.long)
+        elif self.first_real.shape[0] != batch:
+            raise ValueError(
+                f"This SinkCache holds a stream of batch size {self.first_real.shape[0]}, but got batch size {batch}. "
+                "Call cache.reset() or create a new SinkCache for a new batch."
+            )
+        t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
+        cols = torch.arange(n)
+        started = self.first_real < _NO_TOKEN
+        first_new = torch.where(new_mask.any(1), new_mask.long().argmax(1), n)  # argmax: first True
+        first_real = torch.where(started, self.first_real, torch.where(first_new < n, t + first_new, _NO_TOKEN))
+        if bool(((cols + t)[None, :] >= first_real[:, None]).logical_and(~new_mask).any()):
+            raise ValueError(
+                "SinkCache supports left padding only: a row has padding after its first real token. Pad each "
+                "sequence on the left of its first call, or stream the rows separately."
+            )
+        self.first_real = first_real
+
+        region_start = max(0, t - window)  # the sinks of full rows go here; the window is [region_start+sinks, t)
+        full = first_real < region_start
+        # Compaction when the new tokens do not fit; growth for a chunk larger than the slack.
+        old_base, capacity = self.base, self.layers[0].keys.shape[-2] if self.layers else window + self.slack
+        base = old_base
+        default = window + self.slack
+        if t + n - base > capacity or (capacity > default and t + n - region_start <= default):
+            base = region_start
+            capacity = max(default, t + n - base)
+        # Re-base positions when the next query would pass the limit (float32 precision, length-dependent RoPE).
+        limit = max(2 * window, window + n)
+        if rope.max_position is not None:
+            if window + n > rope.max_position:
+                raise ValueError(
+                    f"window_length ({window}) + tokens per call ({n}) exceed {rope.max_position}, the longest "
+                    "context at which this model's length-dependent RoPE keeps fixed frequencies. Use a smaller "
+                    "window_length or feed fewer tokens per call."
+                )
+            limit = min(limit, rope.max_position)
+        shift = 0
+        if t + n - self.offset > limit:
+            shift = region_start - self.offset
+            self.offset = region_start
+
+        sink_slot = first_real[:, None] + torch.arange(sinks)[None, :]  # [batch, sinks] absolute slots
+        is_new_sink = (sink_slot >= t) & (sink_slot < t + n)
+        sink_rows, sink_ids = is_new_sink.nonzero(as_tuple=True)
+        self.step += 1
+        self.plan = StepPlan(
+            step=self.step, start=t, num_new=n, region_start=region_start, base=base, old_base=old_base,
+            capacity=capacity, shift=shift, offset=self.offset,
+            full_rows=full if bool(full.any()) and sinks > 0 else None, all_full=bool(full.all()),
+            new_mask=None if bool(new_mask.all()) else new_mask,
+            sink_rows=sink_rows if len(sink_rows) else None, sink_ids=sink_ids,
+            sink_cols=sink_slot[sink_rows, sink_ids] - t,
+        )
+        self.base, self.seen = base, t + n
+
+        position_ids = (cols + (t - self.offset)).expand(batch, n).clone()
+        if bool((first_real <= region_start).all()):
+            return position_ids, None
+        slots = torch.arange(base, t + n)
+        return position_ids, slots[None, :] >= first_real[:, None]
+
+    def mask_sizes(self) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the current step, in buffer slots (see ``Cache.get_mask_sizes``)."""
+        if self.plan is None:
+            raise NotEnabledError("SinkCache has no planned step; call sinkcache.enable_streaming(model) first.")
+        plan = self.plan
+        return plan.start + plan.num_new - plan.region_start, plan.region_start - plan.base
+
+    # ---- transformers Cache interface -----------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SinkLayer(self, len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens fed so far (padding columns included); the cache itself holds at most ``window_length``."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if self.plan is None:  # before any step (e.g. generate probing a fresh cache)
+            return query_length, 0
+        return self.mask_sizes()
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Buffer slot of the first new token: the causal mask compares it with the key slots."""
+        if self.plan is None:
+            return 0
+        return self.plan.start - self.plan.base
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def cached_length(self) -> int:
+        """Tokens held after the last step's eviction, i.e. what the next token will attend to (<= window)."""
+        return min(self.seen, self.window_length)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self.first_real is not None:
+            self.first_real = self.first_real[index.cpu()]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+        super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.first_real is not None:
+            self.first_real = self.first_real.repeat_interleave(repeats)
+        super().batch_repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        SinkLayer.crop(self, tokens_to_remove)  # type: ignore[arg-type]  # the same refusal
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

@@ -1,0 +1,195 @@
+"""``enable_streaming``: make any RoPE causal LM of transformers stream with a SinkCache, through public APIs only.
+
+Two things are installed, both removed exactly by ``disable_streaming``:
+
+1. a forward pre-hook on the model's decoder (``model.base_model``). When a forward call carries a ``SinkCache``,
+   the hook asks the cache to plan the step and replaces ``position_ids`` (positions inside the cache) and
+   ``attention_mask`` (validity of the cache's slots). Calls with any other cache pass through untouched.
+2. an instance-level ``generate`` that creates a fresh ``SinkCache`` per call unless the caller passes one, and
+   prefills long prompts in chunks so memory is bounded by the cache size.
+
+Before installing anything, the model's rotation is verified empirically: one token is run at two positions and
+every layer's keys must differ by exactly the rotation sinkcache would apply. A model whose keys do not (learned
+positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .cache import SinkCache
+from .rotary import RopeSpec, UnsupportedModelError, read_rope_spec, rotate
+
+
+@dataclass
+class _Streaming:
+    window_length: int
+    num_sink_tokens: int
+    prefill_chunk_size: int
+    rope: RopeSpec
+    hook: torch.utils.hooks.RemovableHandle
+    had_own_generate: bool
+    own_generate: Any
+
+
+_ENABLED: weakref.WeakKeyDictionary[nn.Module, _Streaming] = weakref.WeakKeyDictionary()
+_PROBE_DISTANCE = 11  # positions between the two probe tokens: large enough that any wrong rotation shows
+
+
+def enable_streaming(
+    model: nn.Module,
+    window_length: int = 1024,
+    num_sink_tokens: int = 4,
+    *,
+    prefill_chunk_size: int | None = None,
+) -> nn.Module:
+    """Make ``model`` stream with a ``SinkCache``; returns the same model.
+
+    Afterwards ``model.generate(input_ids, max_new_tokens=...)`` uses a fresh ``SinkCache(window_length,
+    num_sink_tokens)`` per call unless a cache is passed with ``cache=`` (or the deprecated ``past_key_values=``),
+    and any forward call given a ``SinkCache`` gets positions inside the cache. Calling it again replaces the
+    settings.
+
+    Args:
+        model: a transformers causal LM with rotary position embeddings.
+        window_length: tokens kept, sinks included.
+        num_sink_tokens: first tokens of the stream kept forever.
+        prefill_chunk_size: prompt tokens per forward call inside ``generate`` (default: ``window_length``);
+            bounds prefill memory by the cache size instead of the prompt length.
+
+    Raises:
+        UnsupportedModelError: the model's positions cannot be shifted inside a cache; the message says why.
+    """
+    SinkCache(window_length, num_sink_tokens)  # validates the sizes with the cache's own messages
+    chunk = window_length if prefill_chunk_size is None else prefill_chunk_size
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
+    if model in _ENABLED:
+        disable_streaming(model)
+    rope = read_rope_spec(model)
+    _verify_rotation(model, rope)
+    decoder = getattr(model, "base_model", model)
+    names = list(inspect.signature(decoder.forward).parameters)
+
+    def position_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and args:
+            bound = dict(zip(names, args))
+            cache = bound.get("cache", bound.get("past_key_values"))
+        if not isinstance(cache, SinkCache):
+            return None
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        return (), _positions_for_step(cache, kwargs, rope)
+
+    own = model.__dict__.get("generate")
+    _ENABLED[model] = _Streaming(
+        window_length, num_sink_tokens, chunk, rope,
+        decoder.register_forward_pre_hook(position_hook, with_kwargs=True), "generate" in model.__dict__, own,
+    )
+    model.generate = _streaming_generate(model)  # type: ignore[method-assign]
+    return model
+
+
+def disable_streaming(model: nn.Module) -> nn.Module:
+    """Remove what ``enable_streaming`` installed; the model is then exactly as before. Harmless if not enabled."""
+    state = _ENABLED.pop(model, None)
+    if state is None:
+        return model
+    state.hook.remove()
+    if state.had_own_generate:
+        model.generate = state.own_generate  # type: ignore[method-assign]
+    else:
+        del model.__dict__["generate"]
+    return model
+
+
+def is_streaming(model: nn.Module) -> bool:
+    """Whether ``enable_streaming`` is in effect on ``model``."""
+    return model in _ENABLED
+
+
+def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
+    """Plan the cache's next step and put its positions and slot mask into the forward's kwargs."""
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None:
+        raise ValueError("A forward call with a SinkCache needs input_ids or inputs_embeds.")
+    batch, n = inputs.shape[:2]
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        new_mask = torch.ones(batch, n, dtype=torch.bool)
+    elif not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[-1] < n:
+        raise ValueError(
+            "SinkCache needs a 2D attention_mask of shape [batch, tokens so far] (or none): a prepared 4D or "
+            "per-layer mask cannot follow the cache's evictions. Pass the usual padding mask."
+        )
+    else:
+        new_mask = mask[:, -n:]
+    position_ids, slot_mask = cache.begin_step(new_mask, rope)
+    kwargs["position_ids"] = position_ids.to(inputs.device)
+    kwargs["attention_mask"] = None if slot_mask is None else slot_mask.to(inputs.device)
+    return kwargs
+
+
+def _streaming_generate(model: nn.Module):
+    """``model.generate`` that brings its own SinkCache and prefills in chunks."""
+    original = model.generate
+
+    def generate(*args: Any, **kwargs: Any):
+        state = _ENABLED[model]
+        if "past_key_values" in kwargs and "cache" not in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        if kwargs.get("cache") is None and kwargs.get("use_cache", True) is not False:
+            kwargs["cache"] = SinkCache(state.window_length, state.num_sink_tokens)
+        if isinstance(kwargs.get("cache"), SinkCache) and "prefill_chunk_size" not in kwargs:
+            config = kwargs.get("generation_config") or model.generation_config
+            if getattr(config, "prefill_chunk_size", None) is None:
+                kwargs["prefill_chunk_size"] = state.prefill_chunk_size
+        return original(*args, **kwargs)
+
+    generate.__doc__ = f"Streaming generate (sinkcache): {original.__doc__ or ''}"
+    return generate
+
+
+def _verify_rotation(model: nn.Module, rope: RopeSpec) -> None:
+    """Run one token at positions 0 and d; every layer's keys must be related by sinkcache's rotation by d.
+
+    With a single token each layer attends only to itself, so its un-rotated keys do not depend on the position:
+    the two runs differ only by the model's own rotary embedding, which this compares with ``rotate``.
+    """
+    config = model.config.get_text_config(decoder=True)
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device if embeddings.weight.device.type != "meta" else torch.device("cpu")
+    token = torch.tensor([[min(100, config.vocab_size - 1)]], device=device)
+    keys = []
+    with torch.no_grad():
+        for position in (0, _PROBE_DISTANCE):
+            cache = DynamicCache()
+            model(input_ids=token, position_ids=torch.tensor([[position]], device=device), cache=cache,
+                  use_cache=True)
+            keys.append([layer.keys.float() for layer in cache.layers if getattr(layer, "keys", None) is not None])
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    model_type = getattr(config, "model_type", type(model).__name__)
+    for layer_idx, (at_zero, at_d) in enumerate(zip(*keys)):
+        if at_zero.norm() == 0:
+            continue
+        inv_freq = rope.inv_freq_per_layer[layer_idx].to(at_zero.device)
+        if 2 * inv_freq.numel() > at_zero.shape[-1]:
+            raise UnsupportedModelError(f"{model_type}: rotary dimension exceeds the key head dimension.")
+        moved = rotate(at_zero, torch.tensor(_PROBE_DISTANCE, device=at_zero.device), inv_freq)
+        error = ((moved - at_d).norm() / at_d.norm()).item()
+        if error > tolerance:
+            raise UnsupportedModelError(
+                f"{model_type}: the keys of layer {layer_idx} do not follow the half-split rotary embedding read "
+                f"from the model (relative error {error:.3g} after moving a key {_PROBE_DISTANCE} positions), so "
+                "sinkcache cannot re-position them. Interleaved or multi-dimensional RoPE, learned or ALiBi "
+                "positions, and transforms applied after RoPE are not supported."
+            )

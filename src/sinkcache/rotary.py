@@ -1,0 +1,119 @@
+"""Rotary position maths: read a model's RoPE, and move keys to other positions exactly.
+
+A rotary key at position ``p`` is ``R(p) k``, where ``R(p)`` turns each pair of dimensions ``(i, i + r/2)``
+of the first ``r`` ("rotary") dimensions by the angle ``p * inv_freq[i]``. This is the half-split layout used by
+every RoPE model in transformers (``rotate_half``, and gpt-oss's ``chunk(2)``, are the same maths). Dimensions
+past ``r`` (partial rotary: GPT-NeoX, Phi) are left alone. Because ``R(a) R(b) = R(a + b)``, a cached key can be
+moved to any position without knowing its unrotated value; only query-key *distances* reach the attention scores.
+
+``inv_freq`` is read from the model's rotary module, where transformers has already folded in linear, llama3,
+yarn and (below the model's maximum position) dynamic/longrope scaling. The module's ``attention_scaling`` is
+*not* applied here: it is baked into the keys the model produced, and a rotation preserves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: RoPE types whose frequencies change with the sequence length; positions must stay below the model's maximum.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``keys`` forward by ``positions`` (a negative value rotates back), computing in float32.
+
+    Args:
+        keys: ``[..., seq, head_dim]``, any float dtype.
+        positions: angles in units of positions, broadcastable to ``[..., seq]`` (float or integer).
+        inv_freq: ``[r / 2]`` inverse frequencies; the first ``r`` dimensions of ``keys`` are rotated.
+
+    Returns:
+        float32 tensor shaped like ``keys``; the caller casts once, so rounding never accumulates.
+    """
+    half = inv_freq.shape[-1]
+    x = keys.float()
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(device=keys.device, dtype=torch.float64)
+    # float64 angles: positions times frequencies must not lose the phase; cos/sin are then exact in float32
+    cos, sin = angles.cos().float(), angles.sin().float()
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """What sinkcache needs to know about one model's rotary embedding.
+
+    Attributes:
+        inv_freq_per_layer: one ``[r / 2]`` float32 tensor per decoder layer (Gemma 3 has one per layer type).
+        max_position: the largest position (exclusive) at which the frequencies stay fixed, or ``None`` when they
+            never change with length.
+        model_id: ``id`` of the model the spec was read from; a cache refuses to serve another model.
+    """
+
+    inv_freq_per_layer: tuple[torch.Tensor, ...]
+    max_position: int | None
+    model_id: int
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no rotary embedding sinkcache can shift (learned positions, ALiBi, multi-dimensional RoPE)."""
+
+
+def find_rotary_module(model: nn.Module) -> nn.Module | None:
+    """Return the first submodule that owns an ``inv_freq`` buffer (``inv_freq`` or ``<layer_type>_inv_freq``)."""
+    for module in model.modules():
+        for name, _ in module.named_buffers(recurse=False):
+            if name.endswith("inv_freq") and not name.endswith("original_inv_freq"):
+                return module
+    return None
+
+
+def read_rope_spec(model: nn.Module) -> RopeSpec:
+    """Read the rotary frequencies of every decoder layer of a transformers causal LM.
+
+    Raises:
+        UnsupportedModelError: with the reason, for models whose positions cannot be shifted inside a cache.
+    """
+    config = model.config.get_text_config(decoder=True)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    rope = getattr(config, "rope_parameters", None) or {}
+    per_type = rope if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and rope else None
+    all_params = list(per_type.values()) if per_type else [rope]
+    if any(isinstance(p, dict) and ("mrope_section" in p or p.get("mrope_interleaved")) for p in all_params):
+        raise UnsupportedModelError(
+            f"{model_type} uses multi-dimensional RoPE (M-RoPE: separate time/height/width positions), which "
+            "cannot be re-based to positions inside a cache. Use a text-only model with 1D rotary positions."
+        )
+    rotary = find_rotary_module(model)
+    if rotary is None:
+        raise UnsupportedModelError(
+            f"{model_type} has no rotary position embedding (it uses learned absolute positions, ALiBi or none), "
+            "so cached tokens cannot be moved to new positions. sinkcache supports RoPE models only "
+            "(Llama, Mistral, Qwen, Gemma, Phi-3, GPT-NeoX, OLMo, Falcon with RoPE, gpt-oss, ...)."
+        )
+    buffers = dict(rotary.named_buffers(recurse=False))
+    num_layers = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers
+    inv_freqs = []
+    for layer_type in layer_types[:num_layers]:
+        inv_freq = buffers.get(f"{layer_type}_inv_freq", buffers.get("inv_freq"))
+        if inv_freq is None:
+            raise UnsupportedModelError(
+                f"{model_type}: no rotary frequencies for layer type {layer_type!r} in {type(rotary).__name__}."
+            )
+        # the model may keep inv_freq on a meta or offload device: read its values once, on CPU
+        inv_freqs.append(inv_freq.detach().to("cpu", torch.float32).clone())
+
+    rope_types = {p.get("rope_type", "default") for p in all_params if isinstance(p, dict)}
+    max_position = None
+    if rope_types & set(LENGTH_DEPENDENT_ROPE):
+        max_position = int(
+            getattr(config, "original_max_position_embeddings", None)
+            or next((p.get("original_max_position_embeddings") for p in all_params if isinstance(p, dict)
+                     and p.get("original_max_position_embeddings")), None)
+            or config.max_position_embeddings
+        )
+    return RopeSpec(tuple(inv_freqs), max_position, id(model))

@@ -1,0 +1,15 @@
+"""Shared test settings: deterministic CPU threads, and a report of the worst logit differences seen."""
+
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.test_positions import WORST
+
+    if WORST:
+        terminalreporter.section("sinkcache: worst |logit difference| against the oracle (float32)")
+        for name, worst in sorted(WORST.items()):
+            terminalreporter.write_line(f"{name:32s} {worst:.2e}")
+        terminalreporter.write_line(f"{'overall':32s} {max(WORST.values()):.2e}")

@@ -1,0 +1,118 @@
+"""The position contract, checked against the independent oracle on every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sinkcache
+from sinkcache import SinkCache, enable_streaming
+from tests.oracle import contract_visible, oracle_logits, recompute_logits
+from tests.zoo import ARCHITECTURES, tiny_model
+
+WINDOW, SINKS, STEPS = 16, 4, 72  # 56 evictions; the re-base and compaction both happen several times
+TOLERANCE = 1e-4  # float32 logits
+WORST: dict[str, float] = {}  # worst difference seen per case, printed at the end of the session
+
+
+def stream_logits(model, tokens: torch.Tensor, chunks: list[int], cache: SinkCache, mask=None) -> torch.Tensor:
+    """Feed ``tokens`` ([batch, T]) in calls of ``chunks`` tokens; return logits [batch, T, vocab]."""
+    out, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            kwargs = {} if mask is None else {"attention_mask": mask[:, : start + n]}
+            out.append(model(input_ids=tokens[:, start : start + n], cache=cache, **kwargs).logits)
+            start += n
+    return torch.cat(out, dim=1)
+
+
+def check_against_oracle(model, chunks, window=WINDOW, sinks=SINKS, seed=0, name="") -> float:
+    torch.manual_seed(seed)
+    tokens = torch.randint(3, model.config.vocab_size, (sum(chunks),))
+    enable_streaming(model, window, sinks)
+    got = stream_logits(model, tokens[None], chunks, SinkCache(window, sinks))[0]
+    want = oracle_logits(model, tokens, contract_visible(chunks, window, sinks), sinks)
+    worst = (got - want).abs().max().item()
+    if name:  # negative controls are not part of the report
+        WORST[name] = max(WORST.get(name, 0.0), worst)
+    return worst
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_one_token_per_call_matches_oracle(arch, attn):
+    model = tiny_model(arch, attn)
+    assert check_against_oracle(model, [1] * STEPS, name=f"{arch}/{attn}/b1") < TOLERANCE
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_left_padded_batch_matches_oracle_per_row(arch, attn):
+    """Batch of 2, the second row left-padded by 5: each row behaves exactly as its own stream."""
+    model = tiny_model(arch, attn)
+    enable_streaming(model, WINDOW, SINKS)
+    torch.manual_seed(1)
+    pad, prompt = 5, 9
+    tokens = torch.randint(3, model.config.vocab_size, (2, STEPS))
+    tokens[1, :pad] = model.config.pad_token_id
+    mask = torch.ones(2, STEPS, dtype=torch.long)
+    mask[1, :pad] = 0
+    chunks = [prompt] + [1] * (STEPS - prompt)
+    got = stream_logits(model, tokens, chunks, SinkCache(WINDOW, SINKS), mask)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, pad:]).all()
+    for row, row_chunks, skip in ((0, chunks, 0), (1, [prompt - pad] + chunks[1:], pad)):
+        want = oracle_logits(model, tokens[row, skip:], contract_visible(row_chunks, WINDOW, SINKS), SINKS)
+        worst = (got[row, skip:] - want).abs().max().item()
+        WORST[f"{arch}/{attn}/b2"] = max(WORST.get(f"{arch}/{attn}/b2", 0.0), worst)
+        assert worst < TOLERANCE, f"row {row}: {worst}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_neox", "qwen2"])
+def test_chunks_match_oracle(arch):
+    """Several tokens per call: each chunk token sees the cache plus the chunk up to itself."""
+    chunks = [7, 1, 5, 3, 1, 1, 20, 2, 9, 1, 4]
+    assert check_against_oracle(tiny_model(arch), chunks, name=f"{arch}/chunks") < TOLERANCE
+
+
+def test_one_layer_equals_fresh_forward_over_kept_tokens():
+    """The plain check: for one layer, logits equal a fresh forward over kept tokens + the new one at 0..L."""
+    model = tiny_model("llama", layers=1)
+    enable_streaming(model, WINDOW, SINKS)
+    torch.manual_seed(2)
+    tokens = torch.randint(3, 97, (STEPS,))
+    got = stream_logits(model, tokens[None], [1] * STEPS, SinkCache(WINDOW, SINKS))[0]
+    visible = contract_visible([1] * STEPS, WINDOW, SINKS)
+    worst = max((got[t] - recompute_logits(model, tokens, visible[t])).abs().max().item() for t in range(STEPS))
+    assert worst < TOLERANCE
+
+
+@pytest.mark.parametrize("sinks", [0, 1, 4])
+@pytest.mark.parametrize("window", [5, 16, 33])
+def test_window_and_sink_settings(window, sinks):
+    if window <= sinks:
+        pytest.skip("invalid setting")
+    assert check_against_oracle(tiny_model("llama"), [1] * 80, window, sinks, name="llama/settings") < TOLERANCE
+
+
+def test_oracle_is_sensitive(monkeypatch):
+    """Negative controls: a sink rotation off by one position, or none at all, must fail the oracle test."""
+    real_rotate = sinkcache.cache.rotate
+    model = tiny_model("llama")
+    monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: real_rotate(k, p + 1, f))
+    assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE
+    monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: k.float())
+    assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE
+
+
+def test_oracle_detects_wrong_positions(monkeypatch):
+    """Negative control on the hook: absolute stream positions (what generate() passes) must fail."""
+    model = tiny_model("llama")
+    real = SinkCache.begin_step
+
+    def absolute_positions(self, new_mask, rope):
+        start = self.seen
+        position_ids, mask = real(self, new_mask, rope)
+        return torch.arange(start, start + new_mask.shape[1])[None].expand_as(position_ids).clone(), mask
+
+    monkeypatch.setattr(SinkCache, "begin_step", absolute_positions)
+    assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE

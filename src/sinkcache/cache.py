@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .rotary import RopeSpec, rotate
+from .rotary import RopeSpec, apply_rotation, rotate, rotation
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 
@@ -97,7 +97,7 @@ class SinkLayer(CacheLayerMixin):
         sinks = parent.num_sink_tokens
         self.sink_keys = key_states.new_zeros(batch, heads, sinks, head_dim, dtype=torch.float32)
         self.sink_values = value_states.new_zeros(batch, heads, sinks, value_states.shape[-1])
-        self.inv_freq = parent.rope.inv_freq_per_layer[self.layer_idx].to(self.device)
+        self.inv_freq = parent.rope.frequencies(self.layer_idx, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -158,9 +158,9 @@ class SinkLayer(CacheLayerMixin):
     def _write_sinks(self, plan: StepPlan, lo: int) -> None:
         """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
         assert self.sink_keys is not None and self.sink_values is not None
+        assert self.inv_freq is not None
         sinks = self.sink_keys.shape[-2]
-        positions = torch.arange(sinks, device=self.device) + (plan.region_start - plan.offset)
-        sink_keys = rotate(self.sink_keys, positions, self.inv_freq).to(self.dtype)
+        sink_keys = apply_rotation(self.sink_keys, *self.parent.sink_rotation(self.inv_freq)).to(self.dtype)
         where = slice(lo, lo + sinks)
         if plan.all_full:
             self.keys[:, :, where] = sink_keys
@@ -254,6 +254,9 @@ class SinkCache(Cache):
         self.step = -1
         self.plan: StepPlan | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
+        self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
+        self._all_real = True
+        self._rotations: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return (f"SinkCache(window_length={self.window_length}, num_sink_tokens={self.num_sink_tokens}, "
@@ -278,34 +281,16 @@ class SinkCache(Cache):
         batch, n = new_mask.shape
         if n == 0:
             raise ValueError("SinkCache: a forward call must contain at least one token.")
-        if self.first_real is None:
-            self.first_real = torch.full((batch,), _NO_TOKEN, dtype=torch.long)
-        elif self.first_real.shape[0] != batch:
-            raise ValueError(
-                f"This SinkCache holds a stream of batch size {self.first_real.shape[0]}, but got batch size {batch}. "
-                "Call cache.reset() or create a new SinkCache for a new batch."
-            )
+        self._track_rows(new_mask)
+        assert self.first_real is not None
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
-        cols = torch.arange(n)
-        started = self.first_real < _NO_TOKEN
-        first_new = torch.where(new_mask.any(1), new_mask.long().argmax(1), n)  # argmax: first True
-        first_real = torch.where(started, self.first_real, torch.where(first_new < n, t + first_new, _NO_TOKEN))
-        if bool(((cols + t)[None, :] >= first_real[:, None]).logical_and(~new_mask).any()):
-            raise ValueError(
-                "SinkCache supports left padding only: a row has padding after its first real token. Pad each "
-                "sequence on the left of its first call, or stream the rows separately."
-            )
-        self.first_real = first_real
-
         region_start = max(0, t - window)  # the sinks of full rows go here; the window is [region_start+sinks, t)
-        full = first_real < region_start
-        # Compaction when the new tokens do not fit; growth for a chunk larger than the slack.
+
+        # Compaction when the new tokens do not fit; growth for a chunk larger than the slack, shrink after it.
         old_base, capacity = self.base, self.layers[0].keys.shape[-2] if self.layers else window + self.slack
-        base = old_base
-        default = window + self.slack
+        base, default = old_base, window + self.slack
         if t + n - base > capacity or (capacity > default and t + n - region_start <= default):
-            base = region_start
-            capacity = max(default, t + n - base)
+            base, capacity = region_start, max(default, t + n - region_start)
         # Re-base positions when the next query would pass the limit (float32 precision, length-dependent RoPE).
         limit = max(2 * window, window + n)
         if rope.max_position is not None:
@@ -318,28 +303,66 @@ class SinkCache(Cache):
             limit = min(limit, rope.max_position)
         shift = 0
         if t + n - self.offset > limit:
-            shift = region_start - self.offset
-            self.offset = region_start
+            shift, self.offset = region_start - self.offset, region_start
 
-        sink_slot = first_real[:, None] + torch.arange(sinks)[None, :]  # [batch, sinks] absolute slots
-        is_new_sink = (sink_slot >= t) & (sink_slot < t + n)
-        sink_rows, sink_ids = is_new_sink.nonzero(as_tuple=True)
+        # Rows are "full" once their stream outgrew the window: their sinks move to region_start every step.
+        full_rows = None
+        if sinks and self._first_min < region_start:
+            full_rows = self.first_real < region_start
+        sink_rows = sink_ids = sink_cols = None
+        if t < self._first_max + sinks:  # some row's first tokens arrive now: keep them as its sinks
+            sink_slot = self.first_real[:, None] + torch.arange(sinks)[None, :]
+            sink_rows, sink_ids = ((sink_slot >= t) & (sink_slot < t + n)).nonzero(as_tuple=True)
+            sink_cols = sink_slot[sink_rows, sink_ids] - t
         self.step += 1
         self.plan = StepPlan(
             step=self.step, start=t, num_new=n, region_start=region_start, base=base, old_base=old_base,
-            capacity=capacity, shift=shift, offset=self.offset,
-            full_rows=full if bool(full.any()) and sinks > 0 else None, all_full=bool(full.all()),
-            new_mask=None if bool(new_mask.all()) else new_mask,
-            sink_rows=sink_rows if len(sink_rows) else None, sink_ids=sink_ids,
-            sink_cols=sink_slot[sink_rows, sink_ids] - t,
+            capacity=capacity, shift=shift, offset=self.offset, full_rows=full_rows,
+            all_full=self._first_max < region_start, new_mask=None if self._all_real else new_mask,
+            sink_rows=sink_rows if sink_rows is not None and len(sink_rows) else None, sink_ids=sink_ids,
+            sink_cols=sink_cols,
         )
         self.base, self.seen = base, t + n
+        self._rotations = {}
 
-        position_ids = (cols + (t - self.offset)).expand(batch, n).clone()
-        if bool((first_real <= region_start).all()):
+        position_ids = torch.arange(t - self.offset, t + n - self.offset).expand(batch, n).clone()
+        if self._first_max <= region_start:  # every attended slot holds a real token
             return position_ids, None
-        slots = torch.arange(base, t + n)
-        return position_ids, slots[None, :] >= first_real[:, None]
+        return position_ids, torch.arange(base, t + n)[None, :] >= self.first_real[:, None]
+
+    def _track_rows(self, new_mask: torch.Tensor) -> None:
+        """Record where each row's real tokens start (left padding); refuse padding after a real token."""
+        batch, n = new_mask.shape
+        if self.first_real is not None and self.first_real.shape[0] != batch:
+            raise ValueError(
+                f"This SinkCache holds a stream of batch size {self.first_real.shape[0]}, but got batch size {batch}. "
+                "Call cache.reset() or create a new SinkCache for a new batch."
+            )
+        self._all_real = bool(new_mask.all())
+        if self.first_real is not None and self._all_real and self._first_max < _NO_TOKEN:
+            return  # steady state: every row started, no padding
+        t = self.seen
+        first_real = self.first_real if self.first_real is not None else torch.full((batch,), _NO_TOKEN)
+        first_new = torch.where(new_mask.any(1), new_mask.long().argmax(1), n)  # argmax: first True
+        first_real = torch.where(first_real < _NO_TOKEN, first_real,
+                                 torch.where(first_new < n, t + first_new, _NO_TOKEN))
+        if bool(((torch.arange(t, t + n)[None, :] >= first_real[:, None]) & ~new_mask).any()):
+            raise ValueError(
+                "SinkCache supports left padding only: a row has padding after its first real token. Pad each "
+                "sequence on the left of its first call, or stream the rows separately."
+            )
+        self.first_real = first_real
+        self._first_min, self._first_max = int(first_real.min()), int(first_real.max())
+
+    def sink_rotation(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin that put the sinks at their positions this step; computed once per step per frequency set."""
+        assert self.plan is not None
+        key = (id(inv_freq), inv_freq.device)
+        if key not in self._rotations:
+            start = self.plan.region_start - self.plan.offset
+            positions = torch.arange(start, start + self.num_sink_tokens, device=inv_freq.device)
+            self._rotations[key] = rotation(positions, inv_freq)
+        return self._rotations[key]
 
     def mask_sizes(self) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of the current step, in buffer slots (see ``Cache.get_mask_sizes``)."""
@@ -379,6 +402,7 @@ class SinkCache(Cache):
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.first_real is not None:
             self.first_real = self.first_real[index.cpu()]
+            self._first_min, self._first_max = int(self.first_real.min()), int(self.first_real.max())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)

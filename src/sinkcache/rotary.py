@@ -13,7 +13,7 @@ yarn and (below the model's maximum position) dynamic/longrope scaling. The modu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,24 +22,35 @@ from torch import nn
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
+def rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(cos, sin)`` of shape ``[*positions.shape, r / 2]`` for rotating by ``positions``.
+
+    The angles are formed in float64: a position times a frequency must not lose the phase before the cosine.
+    """
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(device=positions.device, dtype=torch.float64)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotation(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` dimensions of ``keys`` (half-split pairs); returns float32."""
+    half = cos.shape[-1]
+    x = keys.float()
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
 def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate ``keys`` forward by ``positions`` (a negative value rotates back), computing in float32.
 
     Args:
         keys: ``[..., seq, head_dim]``, any float dtype.
-        positions: angles in units of positions, broadcastable to ``[..., seq]`` (float or integer).
+        positions: in units of positions, broadcastable to ``[..., seq]`` (float or integer).
         inv_freq: ``[r / 2]`` inverse frequencies; the first ``r`` dimensions of ``keys`` are rotated.
 
     Returns:
         float32 tensor shaped like ``keys``; the caller casts once, so rounding never accumulates.
     """
-    half = inv_freq.shape[-1]
-    x = keys.float()
-    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(device=keys.device, dtype=torch.float64)
-    # float64 angles: positions times frequencies must not lose the phase; cos/sin are then exact in float32
-    cos, sin = angles.cos().float(), angles.sin().float()
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+    return apply_rotation(keys, *rotation(positions.to(keys.device), inv_freq))
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,15 @@ class RopeSpec:
     inv_freq_per_layer: tuple[torch.Tensor, ...]
     max_position: int | None
     model_id: int
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def frequencies(self, layer_idx: int, device: torch.device) -> torch.Tensor:
+        """Layer ``layer_idx``'s ``inv_freq`` on ``device``; one shared tensor per frequency set and device."""
+        source = self.inv_freq_per_layer[layer_idx]
+        key = (id(source), device)
+        if key not in self._on_device:
+            self._on_device[key] = source.to(device)
+        return self._on_device[key]
 
 
 class UnsupportedModelError(ValueError):
@@ -97,15 +117,15 @@ def read_rope_spec(model: nn.Module) -> RopeSpec:
     buffers = dict(rotary.named_buffers(recurse=False))
     num_layers = config.num_hidden_layers
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers
-    inv_freqs = []
-    for layer_type in layer_types[:num_layers]:
+    per_layer_type: dict[str, torch.Tensor] = {}
+    for layer_type in set(layer_types[:num_layers]):
         inv_freq = buffers.get(f"{layer_type}_inv_freq", buffers.get("inv_freq"))
         if inv_freq is None:
             raise UnsupportedModelError(
                 f"{model_type}: no rotary frequencies for layer type {layer_type!r} in {type(rotary).__name__}."
             )
-        # the model may keep inv_freq on a meta or offload device: read its values once, on CPU
-        inv_freqs.append(inv_freq.detach().to("cpu", torch.float32).clone())
+        per_layer_type[layer_type] = inv_freq.detach().to("cpu", torch.float32).clone()
+    inv_freqs = [per_layer_type[layer_type] for layer_type in layer_types[:num_layers]]
 
     rope_types = {p.get("rope_type", "default") for p in all_params if isinstance(p, dict)}
     max_position = None

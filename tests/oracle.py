@@ -19,7 +19,7 @@ import torch
 
 
 def contract_visible(chunk_sizes: list[int], window: int, sinks: int) -> list[list[int]]:
-    """For each token of a stream fed in ``chunk_sizes`` calls, the sorted stream indices it attends to (itself last)."""
+    """For each token of a stream fed in ``chunk_sizes`` calls: the sorted stream indices it sees (itself last)."""
     visible, start = [], 0
     for n in chunk_sizes:
         if start <= window:

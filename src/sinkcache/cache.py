@@ -77,15 +77,18 @@ class SinkLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    # set by lazy_initialization, before any use (the base class declares them Optional)
+    keys: torch.Tensor
+    values: torch.Tensor
+    sink_keys: torch.Tensor  # [batch, heads, sinks, head_dim] float32, unrotated
+    sink_values: torch.Tensor
+    inv_freq: torch.Tensor
 
     def __init__(self, parent: SinkCache, layer_idx: int):
         super().__init__()
         self.parent = parent
         self.layer_idx = layer_idx
         self.applied_step = -1
-        self.sink_keys: torch.Tensor | None = None  # [batch, heads, sinks, head_dim] float32, unrotated
-        self.sink_values: torch.Tensor | None = None
-        self.inv_freq: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         plan, parent = self.parent.plan, self.parent
@@ -157,8 +160,6 @@ class SinkLayer(CacheLayerMixin):
 
     def _write_sinks(self, plan: StepPlan, lo: int) -> None:
         """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
-        assert self.sink_keys is not None and self.sink_values is not None
-        assert self.inv_freq is not None
         sinks = self.sink_keys.shape[-2]
         sink_keys = apply_rotation(self.sink_keys, *self.parent.sink_rotation(self.inv_freq)).to(self.dtype)
         where = slice(lo, lo + sinks)
@@ -166,13 +167,14 @@ class SinkLayer(CacheLayerMixin):
             self.keys[:, :, where] = sink_keys
             self.values[:, :, where] = self.sink_values
         else:
+            assert plan.full_rows is not None
             full = plan.full_rows.to(self.device)[:, None, None, None]
             self.keys[:, :, where] = torch.where(full, sink_keys, self.keys[:, :, where])
             self.values[:, :, where] = torch.where(full, self.sink_values, self.values[:, :, where])
 
     def _capture_sinks(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Keep an unrotated float32 copy of each row's first tokens: every later sink write starts from it."""
-        assert self.sink_keys is not None and self.sink_values is not None
+        assert plan.sink_rows is not None and plan.sink_ids is not None and plan.sink_cols is not None
         rows, ids, cols = (t.to(self.device) for t in (plan.sink_rows, plan.sink_ids, plan.sink_cols))
         positions = (cols + (plan.start - plan.offset))[:, None]  # [m, 1] broadcast over heads
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions, self.inv_freq)
@@ -188,13 +190,10 @@ class SinkLayer(CacheLayerMixin):
         return -1  # the stream is unbounded; what is kept is bounded by window_length
 
     def reset(self) -> None:
-        self.keys = self.values = self.sink_keys = self.sink_values = None
-        self.is_initialized = False
-        self.applied_step = -1
+        self.__init__(self.parent, self.layer_idx)  # type: ignore[misc]  # back to the lazy, empty state
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized:
-            assert self.sink_keys is not None and self.sink_values is not None
             index = index.to(self.device)
             self.keys, self.values = self.keys[index], self.values[index]
             self.sink_keys, self.sink_values = self.sink_keys[index], self.sink_values[index]
@@ -239,6 +238,7 @@ class SinkCache(Cache):
                 "it counts the sinks plus at least one recent token. Increase window_length."
             )
         super().__init__(layers=[])
+        self.layers: list[SinkLayer]  # type: ignore[assignment]  # only SinkLayers, created by update()
         self.window_length = window_length
         self.num_sink_tokens = num_sink_tokens
         self.slack = max(16, window_length // 4)  # compaction every `slack` tokens copies the window once

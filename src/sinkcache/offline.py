@@ -63,7 +63,8 @@ def load_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: 
             f"Could not load model {model!r}: {str(error).splitlines()[0]} Pass a local folder, or a Hub id on a "
             f"machine with network access, or omit --model to use the offline default ({_INSTALL_HINT})."
         ) from None
-    return loaded.to(device).eval(), tokenizer
+    loaded.to(device)  # type: ignore[arg-type]  # transformers' wrapper of Module.to is typed too narrowly
+    return loaded.eval(), tokenizer
 
 
 def default_text() -> str:

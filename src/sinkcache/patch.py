@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from .cache import SinkCache
 from .rotary import RopeSpec, UnsupportedModelError, read_rope_spec, rotate
@@ -44,12 +46,12 @@ _PROBE_DISTANCE = 11  # positions between the two probe tokens: large enough tha
 
 
 def enable_streaming(
-    model: nn.Module,
+    model: PreTrainedModel,
     window_length: int = 1024,
     num_sink_tokens: int = 4,
     *,
     prefill_chunk_size: int | None = None,
-) -> nn.Module:
+) -> PreTrainedModel:
     """Make ``model`` stream with a ``SinkCache``; returns the same model.
 
     Afterwards ``model.generate(input_ids, max_new_tokens=...)`` uses a fresh ``SinkCache(window_length,
@@ -93,18 +95,18 @@ def enable_streaming(
         window_length, num_sink_tokens, chunk, rope,
         decoder.register_forward_pre_hook(position_hook, with_kwargs=True), "generate" in model.__dict__, own,
     )
-    model.generate = _streaming_generate(model)  # type: ignore[method-assign]
+    model.__dict__["generate"] = _streaming_generate(model)  # an instance attribute shadows the method
     return model
 
 
-def disable_streaming(model: nn.Module) -> nn.Module:
+def disable_streaming(model: PreTrainedModel) -> PreTrainedModel:
     """Remove what ``enable_streaming`` installed; the model is then exactly as before. Harmless if not enabled."""
     state = _ENABLED.pop(model, None)
     if state is None:
         return model
     state.hook.remove()
     if state.had_own_generate:
-        model.generate = state.own_generate  # type: ignore[method-assign]
+        model.__dict__["generate"] = state.own_generate
     else:
         del model.__dict__["generate"]
     return model
@@ -139,7 +141,7 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
     return kwargs
 
 
-def _streaming_generate(model: nn.Module):
+def _streaming_generate(model: PreTrainedModel) -> Callable[..., Any]:
     """``model.generate`` that brings its own SinkCache and prefills in chunks."""
     original = model.generate
 
@@ -153,21 +155,21 @@ def _streaming_generate(model: nn.Module):
             config = kwargs.get("generation_config") or model.generation_config
             if getattr(config, "prefill_chunk_size", None) is None:
                 kwargs["prefill_chunk_size"] = state.prefill_chunk_size
-        return original(*args, **kwargs)
+        return original(*args, **kwargs)  # type: ignore[operator]
 
     generate.__doc__ = f"Streaming generate (sinkcache): {original.__doc__ or ''}"
     return generate
 
 
-def _verify_rotation(model: nn.Module, rope: RopeSpec) -> None:
+def _verify_rotation(model: PreTrainedModel, rope: RopeSpec) -> None:
     """Run one token at positions 0 and d; every layer's keys must be related by sinkcache's rotation by d.
 
     With a single token each layer attends only to itself, so its un-rotated keys do not depend on the position:
     the two runs differ only by the model's own rotary embedding, which this compares with ``rotate``.
     """
     config = model.config.get_text_config(decoder=True)
-    embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device if embeddings.weight.device.type != "meta" else torch.device("cpu")
+    weight = next(model.get_input_embeddings().parameters())
+    device = weight.device if weight.device.type != "meta" else torch.device("cpu")
     token = torch.tensor([[min(100, config.vocab_size - 1)]], device=device)
     keys = []
     with torch.no_grad():
@@ -175,7 +177,8 @@ def _verify_rotation(model: nn.Module, rope: RopeSpec) -> None:
             cache = DynamicCache()
             model(input_ids=token, position_ids=torch.tensor([[position]], device=device), cache=cache,
                   use_cache=True)
-            keys.append([layer.keys.float() for layer in cache.layers if getattr(layer, "keys", None) is not None])
+            keys.append([layer.keys.float() for layer in cache.layers
+                         if isinstance(layer, DynamicLayer) and layer.keys is not None])
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
     model_type = getattr(config, "model_type", type(model).__name__)
     for layer_idx, (at_zero, at_d) in enumerate(zip(*keys)):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 #: RoPE types whose frequencies change with the sequence length; positions must stay below the model's maximum.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -91,7 +92,7 @@ def find_rotary_module(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def read_rope_spec(model: nn.Module) -> RopeSpec:
+def read_rope_spec(model: PreTrainedModel) -> RopeSpec:
     """Read the rotary frequencies of every decoder layer of a transformers causal LM.
 
     Raises:

@@ -140,6 +140,15 @@ def test_gpt2_is_refused_with_the_reason():
         enable_streaming(tiny_model("gpt2"))
 
 
+def test_length_dependent_rope_must_stay_below_its_original_context():
+    model = tiny_model("phi3-longrope")  # original context 128
+    with pytest.raises(ValueError, match="must be below 128"):
+        enable_streaming(model, window_length=128)
+    enable_streaming(model, window_length=100, num_sink_tokens=4)
+    with pytest.raises(ValueError, match="exceed 128"):
+        model(input_ids=torch.randint(3, 97, (1, 40)), cache=SinkCache(100, 4))
+
+
 def test_interleaved_rope_is_refused_by_the_probe(monkeypatch):
     """A model whose keys do not follow the half-split rotation is caught by the empirical probe."""
     import transformers.models.llama.modeling_llama as llama

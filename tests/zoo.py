@@ -25,6 +25,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
         original_max_position_embeddings=64, rope_theta=500000.0))),
     "llama-yarn": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=128, rope_theta=10000.0))),
+    "llama-dynamic": ("llama", dict(num_key_value_heads=2,
+                                    rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
     "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=14)),
     "qwen2": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
@@ -35,6 +37,9 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                    layer_types=["sliding_attention", "full_attention"])),
     "phi3": ("phi3", dict(num_key_value_heads=2, original_max_position_embeddings=512,
                           rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    "phi3-longrope": ("phi3", dict(num_key_value_heads=2, original_max_position_embeddings=128, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=128,
+        short_factor=[1.0 + i / 8 for i in range(4)], long_factor=[2.0 + i for i in range(4)]))),
     "gpt_neox": ("gpt_neox", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                        partial_rotary_factor=0.25))),
     "olmo2": ("olmo2", dict(num_key_value_heads=2)),

@@ -22,9 +22,10 @@ standard causal / sliding-window masks of transformers apply unchanged (slot dis
 * The sinks are the only tokens that move: each step they are written into the ``num_sink_tokens`` slots just
   before the oldest window token, rotated in float32 from a stored copy of their *unrotated* keys (one rounding,
   however long the stream).
-* Every ``slack`` tokens the live slice is copied back to the start of the buffer (compaction), and about every
-  ``window_length`` tokens the offset is re-based so positions stay below ``2 * window_length``; each window key is
-  re-rotated (float32, one rounding) at most once in its life. Per token the amortised work is O(sinks + 1).
+* Every ``slack`` tokens the live slice is copied back to the start of the buffer (compaction). More than
+  ``window_length`` tokens apart, the offset is re-based so that positions stay below ``2 * window_length`` plus
+  the call's tokens: a window key is re-rotated (float32, one rounding) at most once in its life.
+  Per token the amortised work is O(sinks + 1).
 
 Batches may be left-padded: padding slots are masked and zeroed, never become sinks, and each row's sinks are its own
 first real tokens. Padding after a row's first real token is refused.
@@ -292,7 +293,8 @@ class SinkCache(Cache):
         if t + n - base > capacity or (capacity > default and t + n - region_start <= default):
             base, capacity = region_start, max(default, t + n - region_start)
         # Re-base positions when the next query would pass the limit (float32 precision, length-dependent RoPE).
-        limit = max(2 * window, window + n)
+        # Re-bases are then more than `window` slots apart, longer than any window key lives: one re-rotation each.
+        limit = 2 * window + n
         if rope.max_position is not None:
             if window + n > rope.max_position:
                 raise ValueError(

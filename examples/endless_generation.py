@@ -6,7 +6,8 @@
 The text streams to stdout; every ``--report-every`` tokens a line with tokens/s, the cache's size and the
 process memory goes to stderr. Both stay flat: the cache holds the first ``--sinks`` tokens and the last
 ``--window`` ones, whatever the number of tokens generated. (The id tensor that ``generate`` returns still grows by
-8 bytes a token.)
+8 bytes a token.) Past 8,192 tokens transformers prints a "friendly reminder" that the model's maximum length has
+been exceeded: with a SinkCache the model never sees a position beyond the window, so it can be ignored.
 """
 
 from __future__ import annotations

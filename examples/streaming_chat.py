@@ -42,8 +42,9 @@ class Chat:
 
     ``generate`` with a persistent cache expects the FULL conversation's ids, not just the new turn: like with a
     DynamicCache it skips the first ``cache.get_seq_length()`` ids (everything the cache has already seen, even
-    evicted tokens) and feeds the rest. So ``ids`` keeps every token the model has seen or produced (8 bytes a
-    token), while the keys and values (45 KiB a token for SmolLM2-135M) stay bounded by the window.
+    evicted tokens) and feeds the rest. So ``ids`` keeps every token the model has seen or produced. That history
+    (and the messages' text) costs a few bytes a token; the keys and values, 45 KiB a token for SmolLM2-135M, stay
+    bounded by the window.
     """
 
     def __init__(self, model, tokenizer, cache: SinkCache, max_new_tokens: int):

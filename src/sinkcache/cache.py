@@ -116,10 +116,11 @@ class SinkLayer(CacheLayerMixin):
                 "sinkcache.enable_streaming(model) once before using a SinkCache: it assigns the positions "
                 "inside the cache that the model needs."
             )
+        if (self.applied_step != plan.step - 1) if self.is_initialized else plan.start != 0:
+            # a layer that missed a step (or the stream's first step) holds no keys for those tokens
+            raise RuntimeError("A previous forward pass on this SinkCache did not finish; call cache.reset().")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif self.applied_step != plan.step - 1:
-            raise RuntimeError("A previous forward pass on this SinkCache did not finish; call cache.reset().")
         self.applied_step = plan.step
         if key_states.shape[0] != self.keys.shape[0] or key_states.shape[-2] != plan.num_new:
             raise ValueError(

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .rotary import RopeSpec, apply_rotation, rotate, rotation
+from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 
@@ -162,15 +162,16 @@ class SinkLayer(CacheLayerMixin):
 
     def _write_sinks(self, plan: StepPlan, lo: int) -> None:
         """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
-        sinks = self.sink_keys.shape[-2]
-        sink_keys = apply_rotation(self.sink_keys, *self.parent.sink_rotation(self.inv_freq)).to(self.dtype)
-        where = slice(lo, lo + sinks)
-        if plan.all_full:
-            self.keys[:, :, where] = sink_keys
+        where = slice(lo, lo + self.sink_keys.shape[-2])
+        table = self.parent.rotation_table(self.inv_freq, self.sink_keys.shape[-1])
+        first_position = plan.region_start - plan.offset
+        if plan.all_full:  # the common case: rotate straight into the slots, no temporary
+            table.rotate(self.sink_keys, first_position, out=self.keys[:, :, where])
             self.values[:, :, where] = self.sink_values
         else:
             assert plan.full_rows is not None
             full = plan.full_rows.to(self.device)[:, None, None, None]
+            sink_keys = table.rotate(self.sink_keys, first_position).to(self.dtype)
             self.keys[:, :, where] = torch.where(full, sink_keys, self.keys[:, :, where])
             self.values[:, :, where] = torch.where(full, self.sink_values, self.values[:, :, where])
 
@@ -245,6 +246,7 @@ class SinkCache(Cache):
         self.num_sink_tokens = num_sink_tokens
         self.slack = max(16, window_length // 4)  # compaction every `slack` tokens copies the window once
         self.rope: RopeSpec | None = None
+        self._tables: dict[tuple[int, torch.device, int], RotationTable] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -258,7 +260,6 @@ class SinkCache(Cache):
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
         self._all_real = True
-        self._rotations: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return (f"SinkCache(window_length={self.window_length}, num_sink_tokens={self.num_sink_tokens}, "
@@ -326,7 +327,6 @@ class SinkCache(Cache):
             sink_cols=sink_cols,
         )
         self.base, self.seen = base, t + n
-        self._rotations = {}
 
         position_ids = torch.arange(t - self.offset, t + n - self.offset).expand(batch, n).clone()
         if self._first_max <= region_start:  # every attended slot holds a real token
@@ -357,15 +357,16 @@ class SinkCache(Cache):
         self.first_real = first_real
         self._first_min, self._first_max = int(first_real.min()), int(first_real.max())
 
-    def sink_rotation(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin that put the sinks at their positions this step; computed once per step per frequency set."""
-        assert self.plan is not None
-        key = (id(inv_freq), inv_freq.device)
-        if key not in self._rotations:
-            start = self.plan.region_start - self.plan.offset
-            positions = torch.arange(start, start + self.num_sink_tokens, device=inv_freq.device)
-            self._rotations[key] = rotation(positions, inv_freq)
-        return self._rotations[key]
+    def rotation_table(self, inv_freq: torch.Tensor, head_dim: int) -> RotationTable:
+        """The table of sink rotations for one frequency set, built on first use.
+
+        Sinks sit at positions ``region_start - offset + j``; the re-base keeps ``region_start - offset`` at most
+        ``window_length``, so ``window_length + num_sink_tokens`` rows cover every step.
+        """
+        key = (id(inv_freq), inv_freq.device, head_dim)
+        if key not in self._tables:
+            self._tables[key] = RotationTable(inv_freq, head_dim, self.window_length + self.num_sink_tokens)
+        return self._tables[key]
 
     def mask_sizes(self) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of the current step, in buffer slots (see ``Cache.get_mask_sizes``)."""

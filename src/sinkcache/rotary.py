@@ -54,6 +54,29 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
     return apply_rotation(keys, *rotation(positions.to(keys.device), inv_freq))
 
 
+class RotationTable:
+    """cos/sin at full head width for positions ``0 .. size-1``, so that a rotation is two products and a sum.
+
+    ``rotated = keys * cos + keys[..., partner] * sin``, where ``partner`` swaps the two rotary halves and the
+    pass-through dimensions get cos 1, sin 0. Used for the per-step sink writes: built once, it saves the
+    trigonometry and the concatenation of ``apply_rotation`` on every step of every layer.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, head_dim: int, size: int):
+        half = inv_freq.shape[-1]
+        cos, sin = rotation(torch.arange(size, device=inv_freq.device), inv_freq)
+        rest = head_dim - 2 * half
+        self.cos = torch.cat((cos, cos, cos.new_ones(size, rest)), dim=-1)
+        self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
+        self.partner = torch.cat((torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)))
+        self.partner = self.partner.to(inv_freq.device)
+
+    def rotate(self, keys: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate float32 ``keys [..., n, head_dim]`` to positions ``start .. start+n-1``, into ``out`` if given."""
+        rows = slice(start, start + keys.shape[-2])
+        return torch.add(keys * self.cos[rows], keys[..., self.partner] * self.sin[rows], out=out)
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """What sinkcache needs to know about one model's rotary embedding.

@@ -1,0 +1,621 @@
+"""Decode speed of SinkCache against DynamicCache and sliding-window re-computation; latency and memory over a stream.
+
+Run from the repository root::
+
+    python benchmarks/speed.py            # full run (tiny model + SmolLM2-135M), 12-15 min on 2 CPU cores
+    python benchmarks/speed.py --quick    # tiny model, small sizes, short stream: a smoke test (~20 s)
+
+What is compared, for each model and cache size ``W`` (tokens kept, sinks included):
+
+* **SinkCache**: the stream has passed ``W`` tokens, so every step evicts one token and attends to ``W + 1`` keys
+  (the ``W`` kept plus itself).
+* **DynamicCache holding the same number of tokens**: ``W`` tokens are cached, each timed step decodes one token
+  against them (``W + 1`` keys, as above) and the token is then cropped again (``crop(-1)``, a view, not timed), so
+  every step sees exactly the cache size SinkCache sees, with DynamicCache's own storage (a ``torch.cat`` per step).
+* **Re-computation**: the sliding-window baseline of the StreamingLLM paper, one fresh forward over the last ``W``
+  tokens for every new token (``use_cache=False``, ``logits_to_keep=1``: only the last token's logits).
+
+The steps of SinkCache and DynamicCache are interleaved token by token (alternating which goes first) and the
+re-computation forward follows each block, so machine drift hits all three alike. Each run gives a mean and a
+median per-token time per method; the report quotes medians over runs, and ratios computed within each run
+(pairs measured side by side), then their median. Throughput is tokens per second from the mean step time, so
+SinkCache's periodic compaction and position re-base are included when they fall in the block; the same ratio is
+also given from median step times, which a few steps slowed by other processes on a shared machine do not move.
+
+The stream measurement (tiny model) feeds one token at a time for ``--stream-tokens`` tokens and records every
+step's latency, the bytes held by the cache and the process' resident memory. At the end, the per-token latency
+after the whole stream is measured interleaved with a copy of the same cache taken after ``--stream-early``
+tokens, again in ``--runs`` runs. A DynamicCache stream of ``--dynamic-stream-tokens`` tokens shows the contrast.
+
+Token ids are random: decode time does not depend on the values (no data-dependent control flow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from sinkcache import SinkCache, enable_streaming
+
+REPO = Path(__file__).resolve().parents[1]
+SINKS = 4
+
+
+# ---- machine and memory ------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (read from /proc/cpuinfo), or the platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device, threads: int) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads, "device": str(device),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def process_memory() -> tuple[int | None, int | None]:
+    """``(resident, peak resident)`` bytes of this process from /proc (Linux), or ``(None, None)``."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None, None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the peak-memory counter (CUDA allocator, or the kernel's VmHWM; where that cannot be reset the CPU
+    peak stays the process' lifetime peak, which can only hide growth, never invent it)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the peak resident set size (proc(5), /proc/pid/clear_refs)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak bytes since ``reset_peak_memory``: allocated tensors on CUDA, resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return process_memory()[1]
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of every tensor storage a transformers cache's layers hold (each storage counted once)."""
+    seen: dict[int, int] = {}
+    for layer in getattr(cache, "layers", []):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+def tiny_model(device: torch.device) -> torch.nn.Module:
+    """A deterministic random 2-layer Llama (hidden 64, 4 heads, 2 KV heads): per-token cost is mostly overhead,
+    so it shows the cache's own cost; it is also what makes a 100,000-token stream affordable on a CPU."""
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         initializer_range=0.15, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def load(name: str, device: torch.device) -> torch.nn.Module:
+    """``tiny`` or ``smollm2`` (SmolLM2-135M-Instruct, float32, from the offline wheel)."""
+    if name == "tiny":
+        return tiny_model(device)
+    from sinkcache.offline import load_model
+
+    return load_model(device=str(device))[0]
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock interval covers the step it brackets."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, call: Callable[..., Any], **kwargs: Any) -> float:
+    """Seconds ``call(**kwargs)`` takes, kernels included."""
+    synchronize(device)
+    start = time.perf_counter()
+    call(**kwargs)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+class Stream:
+    """Random token ids fed one at a time; ``next()`` returns a ``[1, 1]`` tensor on the device."""
+
+    def __init__(self, vocab_size: int, length: int, device: torch.device, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, vocab_size, (1, length), generator=generator).to(device)
+        self.position = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        chunk = self.ids[:, self.position : self.position + n]
+        if chunk.shape[1] != n:
+            raise ValueError(f"Stream of {self.ids.shape[1]} ids exhausted at {self.position}.")
+        self.position += n
+        return chunk
+
+    def next(self) -> torch.Tensor:
+        return self.take(1)
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    """Mean and median of step times, in ms, and the tokens per second the mean gives."""
+    mean = statistics.fmean(seconds)
+    return {"ms_mean": mean * 1e3, "ms_median": statistics.median(seconds) * 1e3, "tokens_per_s": 1.0 / mean}
+
+
+def median_of(runs: list[dict[str, Any]], *path: str) -> float:
+    """Median over runs of ``run[path[0]][path[1]]...``."""
+    values = []
+    for run in runs:
+        value: Any = run
+        for key in path:
+            value = value[key]
+        values.append(value)
+    return statistics.median(values)
+
+
+# ---- (a, b, c): decode at a fixed cache size ---------------------------------------------------------------------
+@dataclass
+class DecodeSettings:
+    runs: int
+    tokens: int  # decode steps per method per run
+    recompute: int  # re-computation forwards per run
+    warmup: int = 3
+
+
+@torch.no_grad()
+def decode_comparison(model: torch.nn.Module, name: str, window: int, settings: DecodeSettings,
+                      device: torch.device) -> dict[str, Any]:
+    """SinkCache vs DynamicCache (both at ``window`` tokens) vs re-computation over ``window`` tokens."""
+    enable_streaming(model, window, SINKS)
+    ids = Stream(model.config.vocab_size, window + settings.warmup + settings.runs * settings.tokens + 1, device)
+    prompt = ids.take(window)
+    sink, dynamic = SinkCache(window, SINKS), DynamicCache()
+    model(input_ids=prompt, cache=sink)
+    model(input_ids=prompt, cache=dynamic, use_cache=True)
+    history = [prompt]  # the re-computation's input: the last `window` tokens of the stream
+
+    def sink_step(token: torch.Tensor) -> None:
+        model(input_ids=token, cache=sink)
+
+    def dynamic_step(token: torch.Tensor) -> None:
+        model(input_ids=token, cache=dynamic, use_cache=True)
+
+    def recompute(last: torch.Tensor) -> None:
+        model(input_ids=last, use_cache=False, logits_to_keep=1)
+
+    for _ in range(settings.warmup):
+        token = ids.next()
+        sink_step(token)
+        dynamic_step(token)
+        dynamic.crop(-1)
+        history.append(token)
+    runs = []
+    for run in range(settings.runs):
+        times: dict[str, list[float]] = {"sink": [], "dynamic": [], "recompute": []}
+        for i in range(settings.tokens):
+            token = ids.next()
+            order = (("sink", sink_step), ("dynamic", dynamic_step))
+            for method, step in order if (i + run) % 2 == 0 else order[::-1]:
+                times[method].append(timed(device, step, token=token))
+            dynamic.crop(-1)  # back to `window` cached tokens (a view; not timed)
+            history.append(token)
+        history = [torch.cat(history, dim=1)[:, -window:]]
+        times["recompute"] = [timed(device, recompute, last=history[0]) for _ in range(settings.recompute)]
+        result = {method: summary(seconds) for method, seconds in times.items()}
+        result["throughput_ratio_sink_vs_dynamic"] = result["dynamic"]["ms_mean"] / result["sink"]["ms_mean"]
+        # the same ratio from median steps: insensitive to a few steps slowed by other processes
+        result["median_ratio_sink_vs_dynamic"] = result["dynamic"]["ms_median"] / result["sink"]["ms_median"]
+        result["speedup_vs_recompute"] = result["recompute"]["ms_mean"] / result["sink"]["ms_mean"]
+        runs.append(result)
+        print(f"  {name} W={window} run {run + 1}: sink {result['sink']['ms_mean']:.2f} ms, dynamic "
+              f"{result['dynamic']['ms_mean']:.2f} ms, recompute {result['recompute']['ms_mean']:.1f} ms", flush=True)
+    memory = {"sink_cache_bytes": cache_bytes(sink), "dynamic_cache_bytes": cache_bytes(dynamic)}
+    if device.type == "cuda":  # peak allocated during a short separate block per method (interleaving mixes peaks)
+        for method, step in (("sink", sink_step), ("dynamic", dynamic_step)):
+            reset_peak_memory(device)
+            for _ in range(8):
+                step(ids.ids[:, -1:])
+                if method == "dynamic":
+                    dynamic.crop(-1)
+            memory[f"{method}_peak_allocated_bytes"] = peak_memory(device)
+    return {
+        "model": name, "window_length": window, "num_sink_tokens": SINKS, "runs": settings.runs,
+        "tokens_per_run": settings.tokens, "recompute_forwards_per_run": settings.recompute,
+        **{method: {key: median_of(runs, method, key) for key in ("ms_mean", "ms_median", "tokens_per_s")}
+           for method in ("sink", "dynamic", "recompute")},
+        **{ratio: median_of(runs, ratio) for ratio in
+           ("throughput_ratio_sink_vs_dynamic", "median_ratio_sink_vs_dynamic", "speedup_vs_recompute")},
+        "memory": memory, "per_run": runs,
+    }
+
+
+# ---- latency and memory over a long stream -----------------------------------------------------------------------
+@dataclass
+class StreamSettings:
+    tokens: int  # stream length
+    window: int
+    early: int  # the reference point: latency after this many tokens
+    memory_from: int  # memory growth is measured from here to the end
+    block: int  # tokens per point of the latency curve (median of the block)
+    paired_tokens: int  # tokens per run of the early-vs-late comparison
+    dynamic_tokens: int  # length of the DynamicCache contrast stream
+    runs: int
+
+
+def curve_point(tokens: int, latencies: list[float], cache: Any, device: torch.device) -> dict[str, Any]:
+    """One point of the plot: block median latency, cache bytes and process memory after ``tokens`` tokens."""
+    rss, _ = process_memory()
+    point = {"tokens": tokens, "latency_ms": statistics.median(latencies) * 1e3, "cache_bytes": cache_bytes(cache),
+             "rss_bytes": rss}
+    if device.type == "cuda":
+        point["allocated_bytes"] = torch.cuda.memory_allocated(device)
+    return point
+
+
+@torch.no_grad()
+def stream_latency(model: torch.nn.Module, settings: StreamSettings, device: torch.device) -> dict[str, Any]:
+    """Stream ``settings.tokens`` tokens through a SinkCache; then compare late vs early per-token latency."""
+    enable_streaming(model, settings.window, SINKS)
+    ids = Stream(model.config.vocab_size, settings.tokens + settings.runs * settings.paired_tokens, device, seed=1)
+    cache = SinkCache(settings.window, SINKS)
+    curve, block, early_snapshot = [], [], None
+    reset_peak_memory(device)
+    peak_at_memory_from = None
+    start = time.perf_counter()
+    for t in range(1, settings.tokens + 1):
+        token = ids.next()
+        block.append(timed(device, model, input_ids=token, cache=cache))
+        if t == settings.early:
+            early_snapshot = copy.deepcopy(cache)  # a cache exactly as it is after `early` tokens
+        if t == settings.memory_from:
+            peak_at_memory_from = peak_memory(device)
+        if t % settings.block == 0:
+            curve.append(curve_point(t, block, cache, device))
+            block = []
+        if t % 10_000 == 0:
+            print(f"  stream: {t} tokens, {time.perf_counter() - start:.0f} s", flush=True)
+    peak_at_end = peak_memory(device)
+    assert early_snapshot is not None
+    runs = []
+    for run in range(settings.runs):
+        young = copy.deepcopy(early_snapshot)
+        late_times, early_times = [], []
+        for i in range(settings.paired_tokens):
+            token = ids.next()
+            pair = ((late_times, cache), (early_times, young))
+            for times, which in pair if (i + run) % 2 == 0 else pair[::-1]:
+                times.append(timed(device, model, input_ids=token, cache=which))
+        late, early = summary(late_times), summary(early_times)
+        runs.append({"late": late, "early": early,
+                     "latency_ratio_late_vs_early": late["ms_median"] / early["ms_median"],
+                     "throughput_ratio_late_vs_early": early["ms_mean"] / late["ms_mean"]})
+    cache_sizes = [p["cache_bytes"] for p in curve if p["tokens"] >= settings.memory_from]
+    return {
+        "model": "tiny", "window_length": settings.window, "num_sink_tokens": SINKS, "tokens": settings.tokens,
+        "early_tokens": settings.early, "memory_from_tokens": settings.memory_from, "runs": settings.runs,
+        "paired_tokens_per_run": settings.paired_tokens,
+        "latency_ms_early": median_of(runs, "early", "ms_median"),
+        "latency_ms_late": median_of(runs, "late", "ms_median"),
+        "latency_ratio_late_vs_early": median_of(runs, "latency_ratio_late_vs_early"),
+        "throughput_ratio_late_vs_early": median_of(runs, "throughput_ratio_late_vs_early"),
+        "memory": {
+            "kind": "peak allocated (CUDA)" if device.type == "cuda" else "peak resident set size of the process",
+            "peak_bytes_at_memory_from": peak_at_memory_from, "peak_bytes_at_end": peak_at_end,
+            "peak_growth": (peak_at_end / peak_at_memory_from - 1) if peak_at_memory_from and peak_at_end else None,
+            "cache_bytes_min": min(cache_sizes), "cache_bytes_max": max(cache_sizes),
+        },
+        "per_run": runs, "curve": curve,
+    }
+
+
+@torch.no_grad()
+def dynamic_stream(model: torch.nn.Module, settings: StreamSettings, device: torch.device) -> list[dict[str, Any]]:
+    """The contrast: the same stream through a DynamicCache, which keeps every token (latency and memory grow)."""
+    ids = Stream(model.config.vocab_size, settings.dynamic_tokens, device, seed=1)
+    cache, curve, block = DynamicCache(), [], []
+    for t in range(1, settings.dynamic_tokens + 1):
+        token = ids.next()
+        block.append(timed(device, model, input_ids=token, cache=cache, use_cache=True))
+        if t % settings.block == 0:
+            curve.append(curve_point(t, block, cache, device))
+            block = []
+    return curve
+
+
+# ---- torch.compile -----------------------------------------------------------------------------------------------
+def graph_breaks(model: torch.nn.Module, token: torch.Tensor, cache: SinkCache) -> dict[str, Any]:
+    """``torch._dynamo.explain`` of one decode step: graphs, breaks, and where each break comes from."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=token, cache=cache)
+    reasons = []
+    for item in explanation.break_reasons:
+        # a break inside nested calls is reported once per enclosing frame; its innermost frame is the cause
+        frame = item.user_stack[-1] if item.user_stack else None
+        where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {frame.line}" if frame else "?"
+        reasons.append(f"{where} -- {item.reason.splitlines()[0]}")
+    return {"graph_count": explanation.graph_count, "graph_break_count": explanation.graph_break_count,
+            "break_reasons": sorted(set(reasons))}
+
+
+def compile_mlps(model: torch.nn.Module) -> torch.nn.Module:
+    """Regional compilation: only the decoder layers' MLPs, which never touch the cache (compiled in place)."""
+    for layer in model.model.layers:
+        layer.mlp.compile()
+    return model
+
+
+COMPILE_WARMUP = 32  # steps before timing: the first compilation and the recompilations that follow it
+
+#: Ways to compile the decode step: label -> function of the model returning what to call instead of it.
+COMPILE_VARIANTS: dict[str, Callable[[torch.nn.Module], Callable[..., Any]]] = {
+    "inductor (whole model, automatic dynamic shapes)": torch.compile,
+    "inductor (whole model, dynamic=False)": lambda model: torch.compile(model, dynamic=False),
+    "aot_eager (whole model, no code generation)": lambda model: torch.compile(model, backend="aot_eager"),
+    "inductor (decoder MLPs only)": compile_mlps,
+}
+
+
+@torch.no_grad()
+def compile_study(window: int, tokens: int, runs: int, device: torch.device) -> dict[str, Any]:
+    """Graph breaks of the tiny model's decode step with a SinkCache, then each compile variant's measured speed.
+
+    Each variant gets a fresh model; its compiled steps are interleaved with eager steps on a copy of the same
+    cache. A variant that fails (a compiler error) is reported with its error instead of a time.
+    """
+    import torch._dynamo
+
+    def streaming_model() -> tuple[torch.nn.Module, SinkCache]:
+        """A fresh tiny model and its own cache (a cache serves one model), past the window: every step evicts."""
+        model = tiny_model(device)
+        enable_streaming(model, window, SINKS)
+        cache = SinkCache(window, SINKS)
+        model(input_ids=ids.ids[:, : window + 32], cache=cache)
+        return model, cache
+
+    ids = Stream(tiny_model(device).config.vocab_size, window + 32 + COMPILE_WARMUP + runs * tokens + 1, device, seed=2)
+    probe, probe_cache = streaming_model()
+    result: dict[str, Any] = {"window_length": window, "model": "tiny",
+                              **graph_breaks(probe, ids.ids[:, -1:], probe_cache), "variants": {}}
+    warmup = ids.ids[:, window + 32 : window + 32 + COMPILE_WARMUP]
+    timed_ids = ids.ids[:, window + 32 + COMPILE_WARMUP :]
+    for label, make in COMPILE_VARIANTS.items():
+        torch._dynamo.reset()
+        (eager, eager_cache), (model, compiled_cache) = streaming_model(), streaming_model()
+        compiled = make(model)
+        torch._dynamo.utils.counters.clear()
+        started, variant = time.perf_counter(), {}
+        try:
+            for i in range(warmup.shape[1]):  # compilation, and the recompilations changing Python ints cause
+                compiled(input_ids=warmup[:, i : i + 1], cache=compiled_cache)
+                eager(input_ids=warmup[:, i : i + 1], cache=eager_cache)
+            variant["compile_and_warmup_s"] = time.perf_counter() - started
+            variant["graphs_compiled_in_warmup"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            per_run = []
+            for run in range(runs):
+                times: dict[str, list[float]] = {"eager": [], "compiled": []}
+                for i in range(tokens):
+                    token = timed_ids[:, run * tokens + i :][:, :1]
+                    pair = (("eager", eager, eager_cache), ("compiled", compiled, compiled_cache))
+                    for name, forward, which in pair if (i + run) % 2 == 0 else pair[::-1]:
+                        times[name].append(timed(device, forward, input_ids=token, cache=which))
+                eager_s, compiled_s = summary(times["eager"]), summary(times["compiled"])
+                per_run.append({"eager": eager_s, "compiled": compiled_s,
+                                "speedup": eager_s["ms_mean"] / compiled_s["ms_mean"]})
+            variant.update({f"{name}_{key}": median_of(per_run, name, key)
+                            for name in ("eager", "compiled") for key in ("ms_mean", "ms_median")})
+            variant.update({"speedup": median_of(per_run, "speedup"), "per_run": per_run,
+                            "graphs_compiled_in_total": torch._dynamo.utils.counters["stats"]["unique_graphs"]})
+        except Exception as error:  # noqa: BLE001 - a compiler failure is a finding to report, not a crash
+            variant["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        print(f"  {label}: {variant.get('speedup', variant.get('error'))}", flush=True)
+        result["variants"][label] = variant
+    result["recompile_limit"] = torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    return result
+
+
+# ---- targets, plot, main -----------------------------------------------------------------------------------------
+def targets(results: dict[str, Any], headline_window: int) -> dict[str, dict[str, Any]]:
+    """The issue's targets next to what was measured (benchmark results, not assertions)."""
+    found: dict[str, dict[str, Any]] = {}
+    for row in results["decode"]:
+        tag = f"{row['model']}/W={row['window_length']}"
+        found[f"throughput sink/dynamic {tag}"] = {
+            "target": ">= 0.97", "measured": row["throughput_ratio_sink_vs_dynamic"],
+            "met": row["throughput_ratio_sink_vs_dynamic"] >= 0.97}
+        if row["window_length"] == headline_window:
+            found[f"speedup vs re-computation {tag}"] = {
+                "target": ">= 22 (paper, GPU)", "measured": row["speedup_vs_recompute"],
+                "met": row["speedup_vs_recompute"] >= 22}
+    stream = results.get("stream")
+    if stream:
+        found["latency late/early (tiny)"] = {
+            "target": "within 5%", "measured": stream["latency_ratio_late_vs_early"],
+            "met": abs(stream["latency_ratio_late_vs_early"] - 1) <= 0.05}
+        growth = stream["memory"]["peak_growth"]
+        found["peak memory growth (tiny)"] = {"target": "< 1%", "measured": growth,
+                                              "met": growth is not None and growth < 0.01}
+    for label, variant in results.get("compile", {}).get("variants", {}).items():
+        if "speedup" in variant:
+            found[f"torch.compile speedup, {label} (tiny)"] = {
+                "target": "measured", "measured": variant["speedup"], "met": variant["speedup"] > 1}
+    return found
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Latency, cache memory and process memory against tokens streamed, SinkCache vs DynamicCache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stream, dynamic = results["stream"], results["dynamic_stream"]
+    series = (("SinkCache", stream["curve"], "tab:blue"), ("DynamicCache", dynamic, "tab:red"))
+    memory_key = "allocated_bytes" if "allocated_bytes" in stream["curve"][0] else "rss_bytes"
+    panels = (("latency_ms", "per-token latency (ms, block median)", 1),
+              ("cache_bytes", "KV cache (MiB)", 2**20),
+              (memory_key, "GPU allocated (MiB)" if memory_key == "allocated_bytes" else "process RSS (MiB)", 2**20))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for axis, (key, label, scale) in zip(axes, panels):
+        for name, curve, color in series:
+            points = [(p["tokens"], p[key] / scale) for p in curve if p.get(key) is not None]
+            if points:
+                axis.plot(*zip(*points), label=name, color=color, linewidth=1.2)
+        axis.set_xlabel("tokens streamed")
+        axis.set_ylabel(label)
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.05)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(f"tiny Llama, SinkCache(window_length={stream['window_length']}, num_sink_tokens={SINKS}), "
+                    f"{results['machine']['device']}, {results['machine']['torch_threads']} thread(s)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny model only, sizes 64 and 128, a 2,000-token stream, no compile")
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 1024, 4096], help="cache sizes W (tokens)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads; 1 because batch-1 decode gains little from more and a shared machine's "
+                             "oversubscribed cores make multi-threaded timings erratic")
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (medians are over runs)")
+    parser.add_argument("--tiny-tokens", type=int, default=1024, help="decode tokens per method per run, tiny")
+    parser.add_argument("--model-tokens", type=int, default=32, help="decode tokens per method per run, SmolLM2")
+    parser.add_argument("--recompute", type=int, default=1, help="re-computation forwards per run")
+    parser.add_argument("--stream-tokens", type=int, default=100_000, help="length of the tiny model's stream")
+    parser.add_argument("--stream-window", type=int, default=1024, help="SinkCache window_length of the stream")
+    parser.add_argument("--stream-early", type=int, default=2_000,
+                        help="reference point: latency after this many tokens, against after the whole stream")
+    parser.add_argument("--stream-memory-from", type=int, default=10_000,
+                        help="peak memory growth is measured from this many tokens to the end")
+    parser.add_argument("--stream-paired-tokens", type=int, default=500,
+                        help="tokens per run of the early-vs-late latency comparison")
+    parser.add_argument("--dynamic-stream-tokens", type=int, default=20_000,
+                        help="length of the DynamicCache contrast stream (its cost grows with the length)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure torch.compile on the tiny model's decode step")
+    parser.add_argument("--compile-tokens", type=int, default=300, help="decode tokens per run per compile variant")
+    parser.add_argument("--headline-window", type=int, default=1024, help="W of the re-computation target")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "speed", help="folder for results.json, speed.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.sizes, args.tiny_tokens, args.compile = ["tiny"], [64, 128], 64, False
+        args.stream_tokens, args.stream_window, args.stream_early, args.stream_memory_from = 2_000, 64, 200, 500
+        args.stream_paired_tokens, args.dynamic_stream_tokens, args.headline_window = 100, 1_000, 128
+    if not args.stream_window < args.stream_early < args.stream_memory_from <= args.stream_tokens:
+        parser.error("need --stream-window < --stream-early < --stream-memory-from <= --stream-tokens")
+    return args
+
+
+def stream_measurements(args: argparse.Namespace, device: torch.device, results: dict[str, Any]) -> None:
+    """The tiny model's long stream, the DynamicCache contrast and (optionally) the torch.compile study."""
+    tiny = tiny_model(device)
+    settings = StreamSettings(
+        tokens=args.stream_tokens, window=args.stream_window, early=args.stream_early,
+        memory_from=args.stream_memory_from, block=max(1, args.stream_tokens // 200),
+        paired_tokens=args.stream_paired_tokens, dynamic_tokens=args.dynamic_stream_tokens, runs=args.runs)
+    print(f"stream: {args.stream_tokens} tokens, tiny model, W={args.stream_window}", flush=True)
+    results["stream"] = stream_latency(tiny, settings, device)
+    results["dynamic_stream"] = dynamic_stream(tiny, settings, device)
+    if args.compile:
+        print("torch.compile (tiny model)", flush=True)
+        results["compile"] = compile_study(args.headline_window, args.compile_tokens, args.runs, device)
+
+
+def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"machine": machine(device, args.threads), "command": " ".join(sys.argv),
+                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                               "decode": []}
+    began = time.perf_counter()
+    # the tiny model first, with the stream right after it: the stream's process memory is then the tiny model's,
+    # not what a larger model left behind
+    for name in sorted(args.models, key=lambda model: model != "tiny"):
+        model = load(name, device)
+        tokens = args.tiny_tokens if name == "tiny" else args.model_tokens
+        settings = DecodeSettings(runs=args.runs, tokens=tokens, recompute=args.recompute)
+        for window in args.sizes:
+            results["decode"].append(decode_comparison(model, name, window, settings, device))
+        del model
+        if name == "tiny":
+            stream_measurements(args, device, results)
+    if "stream" not in results:  # --models without tiny
+        stream_measurements(args, device, results)
+    results["targets"] = targets(results, args.headline_window)
+    results["elapsed_s"] = time.perf_counter() - began
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    plot(results, args.out / "speed.png")
+    print_report(results)
+    return results
+
+
+def print_report(results: dict[str, Any]) -> None:
+    """The headline numbers as a markdown table, and the targets."""
+    print("\n| model | W | SinkCache tok/s | DynamicCache tok/s | sink/dynamic | re-computation tok/s | speedup |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in results["decode"]:
+        print(f"| {row['model']} | {row['window_length']} | {row['sink']['tokens_per_s']:.1f} | "
+              f"{row['dynamic']['tokens_per_s']:.1f} | {row['throughput_ratio_sink_vs_dynamic']:.3f} | "
+              f"{row['recompute']['tokens_per_s']:.2f} | {row['speedup_vs_recompute']:.1f}x |")
+    for name, target in results["targets"].items():
+        measured = target["measured"]
+        shown = f"{measured:.4f}" if isinstance(measured, float) and math.isfinite(measured) else measured
+        print(f"{name}: {shown} (target {target['target']}, {'met' if target['met'] else 'not met'})")
+    print(f"elapsed {results['elapsed_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

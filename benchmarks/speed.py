@@ -36,8 +36,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -47,46 +45,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from sinkcache import SinkCache, enable_streaming
+from sinkcache import SinkCache, enable_streaming, machine
 
 REPO = Path(__file__).resolve().parents[1]
 SINKS = 4
 
 
 # ---- machine and memory ------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (read from /proc/cpuinfo), or the platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine(device: torch.device, threads: int) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    info: dict[str, Any] = {
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads, "device": str(device),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def process_memory() -> tuple[int | None, int | None]:
     """``(resident, peak resident)`` bytes of this process from /proc (Linux), or ``(None, None)``."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None, None
+    return machine.status_bytes("VmRSS"), machine.status_bytes("VmHWM")
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -94,11 +64,8 @@ def reset_peak_memory(device: torch.device) -> None:
     peak stays the process' lifetime peak, which can only hide growth, never invent it)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # "5" resets the peak resident set size (proc(5), /proc/pid/clear_refs)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    else:
+        machine.reset_peak()
 
 
 def peak_memory(device: torch.device) -> int | None:
@@ -576,7 +543,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"machine": machine(device, args.threads), "command": " ".join(sys.argv),
+    results: dict[str, Any] = {"machine": machine.describe(device, args.threads), "command": " ".join(sys.argv),
                                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                "decode": []}
     began = time.perf_counter()

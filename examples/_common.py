@@ -7,13 +7,12 @@ name from the examples folder.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-from sinkcache import SinkCache, offline
+from sinkcache import SinkCache, machine, offline
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, window: int = 1024) -> None:
@@ -39,14 +38,13 @@ def load(args: argparse.Namespace):
 
 def rss_mib() -> float:
     """Resident memory of this process in MiB: current on Linux, the peak elsewhere (no psutil needed)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        import resource
+    resident = machine.status_bytes("VmRSS")
+    if resident is not None:
+        return resident / 2**20
+    import resource
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (2**20 if sys.platform == "darwin" else 2**10)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def cache_bytes(cache: SinkCache) -> int:

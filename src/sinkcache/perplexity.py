@@ -35,8 +35,6 @@ import ctypes
 import gc
 import json
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,7 +45,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from . import __version__, offline
+from . import __version__, machine, offline
 from .cache import SinkCache
 from .patch import disable_streaming, enable_streaming
 from .rotary import UnsupportedModelError
@@ -221,18 +219,16 @@ class PeakMemory:
         else:
             with contextlib.suppress(OSError, AttributeError):  # glibc only: give freed heap back to the system
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-                self.start = _proc_status_bytes("VmRSS")
-            except OSError:
-                self.start = -1  # not Linux (or not allowed): no per-regime peak
+            resident = machine.status_bytes("VmRSS")
+            # not Linux (or not allowed): no per-regime peak
+            self.start = resident if resident is not None and machine.reset_peak() else -1
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
         elif self.start >= 0:
-            self.peak = _proc_status_bytes("VmHWM")
+            self.peak = machine.status_bytes("VmHWM")
 
     def result(self) -> dict[str, Any]:
         """``peak_memory_bytes``, ``peak_memory_increase_bytes`` (peak minus the start) and the method used."""
@@ -242,14 +238,6 @@ class PeakMemory:
             method = "peak resident set size (Linux VmHWM, reset per regime)" if self.peak else "unavailable"
         increase = None if self.peak is None else self.peak - self.start
         return {"peak_memory_bytes": self.peak, "peak_memory_increase_bytes": increase, "memory_method": method}
-
-
-def _proc_status_bytes(key: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"no {key} in /proc/self/status")
 
 
 def run_regime(model: PreTrainedModel, tokens: torch.Tensor, regime: str, settings: Settings) -> RegimeResult:
@@ -453,22 +441,6 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "device": str(device), "python": platform.python_version(),
-                            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 # ---- the run ---------------------------------------------------------------------------------------------------
 def load_tokenizer(model_name: str, gguf_file: str | None) -> Any:
     """The tokenizer alone, so that the text is checked before the (slow) model load."""
@@ -544,7 +516,7 @@ def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> d
         "model_name": _SMOLLM2 if settings.model == offline.DEFAULT_MODEL else settings.model,
         "model_max_positions": getattr(config, "max_position_embeddings", None),
         "text_source": source,
-        "machine": machine(device),
+        "machine": machine.describe(device, torch.get_num_threads()),
         "wall_seconds": time.perf_counter() - started,  # load + tokenize + every regime
     }
     summary = summarize(results, settings, extra)

@@ -1,0 +1,59 @@
+"""The machine a measurement ran on, and this process's CPU memory: what the benchmarks and examples report.
+
+Memory comes from Linux's /proc: ``VmRSS`` is the resident set size now, ``VmHWM`` its peak ("high water mark"),
+which writing ``5`` to ``/proc/self/clear_refs`` resets to the current size (proc(5)). Elsewhere these read as
+``None``/``False``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def describe(device: torch.device, threads: int) -> dict[str, Any]:
+    """What the numbers were measured on: CPU model (as ``lscpu`` names it), cores, threads, device, versions."""
+    import transformers
+
+    info: dict[str, Any] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+                            "device": str(device), "python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or the platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def status_bytes(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``"VmRSS"``, ``"VmHWM"``) in bytes, or ``None`` where unavailable."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak() -> bool:
+    """Restart ``VmHWM`` from the current resident size; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

@@ -354,6 +354,10 @@ class SinkCache(Cache):
                 "SinkCache supports left padding only: a row has padding after its first real token. Pad each "
                 "sequence on the left of its first call, or stream the rows separately."
             )
+        self._set_first_real(first_real)
+
+    def _set_first_real(self, first_real: torch.Tensor) -> None:
+        """Store each row's first real slot, with its extremes as ints for the per-step fast path."""
         self.first_real = first_real
         self._first_min, self._first_max = int(first_real.min()), int(first_real.max())
 
@@ -405,8 +409,7 @@ class SinkCache(Cache):
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.first_real is not None:
-            self.first_real = self.first_real[index.cpu()]
-            self._first_min, self._first_max = int(self.first_real.min()), int(self.first_real.max())
+            self._set_first_real(self.first_real[index.cpu()])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)

@@ -331,96 +331,80 @@ def dynamic_stream(model: torch.nn.Module, settings: StreamSettings, device: tor
 
 
 # ---- torch.compile -----------------------------------------------------------------------------------------------
-def graph_breaks(model: torch.nn.Module, token: torch.Tensor, cache: SinkCache) -> dict[str, Any]:
-    """``torch._dynamo.explain`` of one decode step: graphs, breaks, and where each break comes from."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(input_ids=token, cache=cache)
-    reasons = []
-    for item in explanation.break_reasons:
-        # a break inside nested calls is reported once per enclosing frame; its innermost frame is the cause
-        frame = item.user_stack[-1] if item.user_stack else None
-        where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {frame.line}" if frame else "?"
-        reasons.append(f"{where} -- {item.reason.splitlines()[0]}")
-    return {"graph_count": explanation.graph_count, "graph_break_count": explanation.graph_break_count,
-            "break_reasons": sorted(set(reasons))}
+COMPILE_WARMUP = 32  # steps before timing: the first compilation, and any recompilation a changing step would cause
 
 
-def compile_mlps(model: torch.nn.Module) -> torch.nn.Module:
-    """Regional compilation: only the decoder layers' MLPs, which never touch the cache (compiled in place)."""
-    for layer in model.model.layers:
-        layer.mlp.compile()
+def compile_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile the decoder's forward only: the streaming hook runs in the module call, before it, in eager mode."""
+    model.base_model.forward = torch.compile(model.base_model.forward, dynamic=False)
     return model
 
 
-COMPILE_WARMUP = 32  # steps before timing: the first compilation and the recompilations that follow it
-
-#: Ways to compile the decode step: label -> function of the model returning what to call instead of it.
-COMPILE_VARIANTS: dict[str, Callable[[torch.nn.Module], Callable[..., Any]]] = {
-    "inductor (whole model, automatic dynamic shapes)": torch.compile,
-    "inductor (whole model, dynamic=False)": lambda model: torch.compile(model, dynamic=False),
-    "aot_eager (whole model, no code generation)": lambda model: torch.compile(model, backend="aot_eager"),
-    "inductor (decoder MLPs only)": compile_mlps,
+#: The ways a decode step is run: label -> (static_shapes, compiles a separate model, wrap the model).
+COMPILE_WAYS: dict[str, tuple[bool, bool, Callable[[torch.nn.Module], Callable[..., Any]]]] = {
+    "default cache, eager": (False, False, lambda model: model),
+    "static_shapes, eager": (True, False, lambda model: model),
+    "static_shapes, inductor: decoder forward": (True, True, compile_decoder),
+    "static_shapes, inductor: whole model": (True, False, lambda model: torch.compile(model, dynamic=False)),
 }
 
 
 @torch.no_grad()
-def compile_study(window: int, tokens: int, runs: int, device: torch.device) -> dict[str, Any]:
-    """Graph breaks of the tiny model's decode step with a SinkCache, then each compile variant's measured speed.
+def compile_study(name: str, window: int, tokens: int, runs: int, device: torch.device) -> dict[str, Any]:
+    """Decode-step time of a SinkCache with and without static shapes, eager and compiled (inductor), interleaved.
 
-    Each variant gets a fresh model; its compiled steps are interleaved with eager steps on a copy of the same
-    cache. A variant that fails (a compiler error) is reported with its error instead of a time.
+    Every way has its own cache, filled past the window with the same tokens; the compiled ways compile during
+    ``COMPILE_WARMUP`` steps. Then each run feeds ``tokens`` tokens to every way in turn (the order rotating token
+    by token). Graphs compiled after the warm-up would be recompilations: the static ways must show none.
     """
     import torch._dynamo
 
-    def streaming_model() -> tuple[torch.nn.Module, SinkCache]:
-        """A fresh tiny model and its own cache (a cache serves one model), past the window: every step evicts."""
-        model = tiny_model(device)
-        enable_streaming(model, window, SINKS)
-        cache = SinkCache(window, SINKS)
-        model(input_ids=ids.ids[:, : window + 32], cache=cache)
-        return model, cache
-
-    ids = Stream(tiny_model(device).config.vocab_size, window + 32 + COMPILE_WARMUP + runs * tokens + 1, device, seed=2)
-    probe, probe_cache = streaming_model()
-    result: dict[str, Any] = {"window_length": window, "model": "tiny",
-                              **graph_breaks(probe, ids.ids[:, -1:], probe_cache), "variants": {}}
-    warmup = ids.ids[:, window + 32 : window + 32 + COMPILE_WARMUP]
-    timed_ids = ids.ids[:, window + 32 + COMPILE_WARMUP :]
-    for label, make in COMPILE_VARIANTS.items():
-        torch._dynamo.reset()
-        (eager, eager_cache), (model, compiled_cache) = streaming_model(), streaming_model()
-        compiled = make(model)
-        torch._dynamo.utils.counters.clear()
-        started, variant = time.perf_counter(), {}
-        try:
-            for i in range(warmup.shape[1]):  # compilation, and the recompilations changing Python ints cause
-                compiled(input_ids=warmup[:, i : i + 1], cache=compiled_cache)
-                eager(input_ids=warmup[:, i : i + 1], cache=eager_cache)
-            variant["compile_and_warmup_s"] = time.perf_counter() - started
-            variant["graphs_compiled_in_warmup"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-            per_run = []
-            for run in range(runs):
-                times: dict[str, list[float]] = {"eager": [], "compiled": []}
-                for i in range(tokens):
-                    token = timed_ids[:, run * tokens + i :][:, :1]
-                    pair = (("eager", eager, eager_cache), ("compiled", compiled, compiled_cache))
-                    for name, forward, which in pair if (i + run) % 2 == 0 else pair[::-1]:
-                        times[name].append(timed(device, forward, input_ids=token, cache=which))
-                eager_s, compiled_s = summary(times["eager"]), summary(times["compiled"])
-                per_run.append({"eager": eager_s, "compiled": compiled_s,
-                                "speedup": eager_s["ms_mean"] / compiled_s["ms_mean"]})
-            variant.update({f"{name}_{key}": median_of(per_run, name, key)
-                            for name in ("eager", "compiled") for key in ("ms_mean", "ms_median")})
-            variant.update({"speedup": median_of(per_run, "speedup"), "per_run": per_run,
-                            "graphs_compiled_in_total": torch._dynamo.utils.counters["stats"]["unique_graphs"]})
-        except Exception as error:  # noqa: BLE001 - a compiler failure is a finding to report, not a crash
-            variant["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        print(f"  {label}: {variant.get('speedup', variant.get('error'))}", flush=True)
-        result["variants"][label] = variant
-    result["recompile_limit"] = torch._dynamo.config.recompile_limit
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager_model = enable_streaming(load(name, device), window, SINKS)
+    separate = enable_streaming(load(name, device), window, SINKS)
+    ids = Stream(eager_model.config.vocab_size, window + 32 + COMPILE_WARMUP + runs * tokens, device, seed=2)
+    prefill, warmup = ids.take(window + 32), ids.take(COMPILE_WARMUP)
+    ways: dict[str, tuple[Callable[..., Any], SinkCache]] = {}
+    result: dict[str, Any] = {"model": name, "window_length": window, "ways": {}}
+    for label, (static, own_model, wrap) in COMPILE_WAYS.items():
+        model = separate if own_model else eager_model
+        cache = SinkCache(window, SINKS, static_shapes=static)
+        for start in range(0, prefill.shape[1], window):
+            model(input_ids=prefill[:, start : start + window], cache=cache)
+        began = time.perf_counter()
+        call = wrap(model)
+        for i in range(COMPILE_WARMUP):
+            call(input_ids=warmup[:, i : i + 1], cache=cache)
+        result["ways"][label] = {"warmup_s": time.perf_counter() - began}
+        ways[label] = (call, cache)
+    graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    per_run = []
+    for run in range(runs):
+        times: dict[str, list[float]] = {label: [] for label in ways}
+        order = list(ways)
+        for i in range(tokens):
+            token = ids.take(1)
+            shift = (i + run) % len(order)
+            for label in order[shift:] + order[:shift]:
+                call, cache = ways[label]
+                times[label].append(timed(device, call, input_ids=token, cache=cache))
+        stats = {label: summary(seconds) for label, seconds in times.items()}
+        base, static = stats["default cache, eager"]["ms_mean"], stats["static_shapes, eager"]["ms_mean"]
+        per_run.append({label: {**stat, "speedup_vs_default_eager": base / stat["ms_mean"],
+                                "speedup_vs_static_eager": static / stat["ms_mean"]} for label, stat in stats.items()})
+    for label in ways:
+        result["ways"][label].update({key: median_of(per_run, label, key) for key in (
+            "ms_mean", "ms_median", "speedup_vs_default_eager", "speedup_vs_static_eager")})
+    reasons = sorted({reason.splitlines()[0] + " " + reason.split("function `")[-1].split(" at ")[0]
+                      for reason in torch._dynamo.utils.counters["graph_break"]})
+    result.update({"per_run": per_run, "graph_break_reasons": reasons,
+                   "graphs_compiled_after_warmup": torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                   - graphs_after_warmup})
+    torch._dynamo.reset()
+    for label, way in result["ways"].items():
+        print(f"  {label}: {way['ms_mean']:.3f} ms, x{way['speedup_vs_default_eager']:.3f} vs default eager",
+              flush=True)
     return result
 
 
@@ -445,10 +429,15 @@ def targets(results: dict[str, Any], headline_window: int) -> dict[str, dict[str
         growth = stream["memory"]["peak_growth"]
         found["peak memory growth (tiny)"] = {"target": "< 1%", "measured": growth,
                                               "met": growth is not None and growth < 0.01}
-    for label, variant in results.get("compile", {}).get("variants", {}).items():
-        if "speedup" in variant:
-            found[f"torch.compile speedup, {label} (tiny)"] = {
-                "target": "measured", "measured": variant["speedup"], "met": variant["speedup"] > 1}
+    for study in results.get("compile", []):
+        for label, way in study["ways"].items():
+            if "inductor" in label:
+                found[f"torch.compile speedup vs default eager, {label} ({study['model']})"] = {
+                    "target": "> 1 (measured)", "measured": way["speedup_vs_default_eager"],
+                    "met": way["speedup_vs_default_eager"] > 1}
+        found[f"recompilations after warm-up ({study['model']})"] = {
+            "target": "0", "measured": study["graphs_compiled_after_warmup"],
+            "met": study["graphs_compiled_after_warmup"] == 0}
     return found
 
 
@@ -510,8 +499,10 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--dynamic-stream-tokens", type=int, default=20_000,
                         help="length of the DynamicCache contrast stream (its cost grows with the length)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure torch.compile on the tiny model's decode step")
-    parser.add_argument("--compile-tokens", type=int, default=300, help="decode tokens per run per compile variant")
+                        help="measure torch.compile of the decode step (static shapes)")
+    parser.add_argument("--compile-models", nargs="+", default=["tiny"], choices=["tiny", "smollm2"],
+                        help="models of the torch.compile study")
+    parser.add_argument("--compile-tokens", type=int, default=300, help="decode tokens per run per way of the study")
     parser.add_argument("--headline-window", type=int, default=1024, help="W of the re-computation target")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "speed", help="folder for results.json, speed.png")
     args = parser.parse_args(argv)
@@ -535,8 +526,11 @@ def stream_measurements(args: argparse.Namespace, device: torch.device, results:
     results["stream"] = stream_latency(tiny, settings, device)
     results["dynamic_stream"] = dynamic_stream(tiny, settings, device)
     if args.compile:
-        print("torch.compile (tiny model)", flush=True)
-        results["compile"] = compile_study(args.headline_window, args.compile_tokens, args.runs, device)
+        results["compile"] = []
+        for name in args.compile_models:
+            print(f"torch.compile ({name}, W={args.headline_window})", flush=True)
+            results["compile"].append(compile_study(name, args.headline_window, args.compile_tokens, args.runs,
+                                                    device))
 
 
 def main(argv: Iterable[str] | None = None) -> dict[str, Any]:

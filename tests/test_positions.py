@@ -26,11 +26,11 @@ def stream_logits(model, tokens: torch.Tensor, chunks: list[int], cache: SinkCac
     return torch.cat(out, dim=1)
 
 
-def check_against_oracle(model, chunks, window=WINDOW, sinks=SINKS, seed=0, name="") -> float:
+def check_against_oracle(model, chunks, window=WINDOW, sinks=SINKS, seed=0, name="", static=False) -> float:
     torch.manual_seed(seed)
     tokens = torch.randint(3, model.config.vocab_size, (sum(chunks),))
     enable_streaming(model, window, sinks)
-    got = stream_logits(model, tokens[None], chunks, SinkCache(window, sinks))[0]
+    got = stream_logits(model, tokens[None], chunks, SinkCache(window, sinks, static_shapes=static))[0]
     want = oracle_logits(model, tokens, contract_visible(chunks, window, sinks), sinks)
     worst = (got - want).abs().max().item()
     if name:  # negative controls are not part of the report
@@ -38,16 +38,19 @@ def check_against_oracle(model, chunks, window=WINDOW, sinks=SINKS, seed=0, name
     return worst
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_one_token_per_call_matches_oracle(arch, attn):
+def test_one_token_per_call_matches_oracle(arch, attn, static):
     model = tiny_model(arch, attn)
-    assert check_against_oracle(model, [1] * STEPS, name=f"{arch}/{attn}/b1") < TOLERANCE
+    name = f"{arch}/{attn}/b1" + ("/static" if static else "")
+    assert check_against_oracle(model, [1] * STEPS, name=name, static=static) < TOLERANCE
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_left_padded_batch_matches_oracle_per_row(arch, attn):
+def test_left_padded_batch_matches_oracle_per_row(arch, attn, static):
     """Batch of 2, the second row left-padded by 5: each row behaves exactly as its own stream."""
     model = tiny_model(arch, attn)
     enable_streaming(model, WINDOW, SINKS)
@@ -58,20 +61,23 @@ def test_left_padded_batch_matches_oracle_per_row(arch, attn):
     mask = torch.ones(2, STEPS, dtype=torch.long)
     mask[1, :pad] = 0
     chunks = [prompt] + [1] * (STEPS - prompt)
-    got = stream_logits(model, tokens, chunks, SinkCache(WINDOW, SINKS), mask)
+    got = stream_logits(model, tokens, chunks, SinkCache(WINDOW, SINKS, static_shapes=static), mask)
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, pad:]).all()
     for row, row_chunks, skip in ((0, chunks, 0), (1, [prompt - pad] + chunks[1:], pad)):
         want = oracle_logits(model, tokens[row, skip:], contract_visible(row_chunks, WINDOW, SINKS), SINKS)
         worst = (got[row, skip:] - want).abs().max().item()
-        WORST[f"{arch}/{attn}/b2"] = max(WORST.get(f"{arch}/{attn}/b2", 0.0), worst)
+        name = f"{arch}/{attn}/b2" + ("/static" if static else "")
+        WORST[name] = max(WORST.get(name, 0.0), worst)
         assert worst < TOLERANCE, f"row {row}: {worst}"
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_neox", "qwen2"])
-def test_chunks_match_oracle(arch):
+def test_chunks_match_oracle(arch, static):
     """Several tokens per call: each chunk token sees the cache plus the chunk up to itself."""
     chunks = [7, 1, 5, 3, 1, 1, 20, 2, 9, 1, 4]
-    assert check_against_oracle(tiny_model(arch), chunks, name=f"{arch}/chunks") < TOLERANCE
+    name = f"{arch}/chunks" + ("/static" if static else "")
+    assert check_against_oracle(tiny_model(arch), chunks, name=name, static=static) < TOLERANCE
 
 
 def test_one_layer_equals_fresh_forward_over_kept_tokens():
@@ -94,14 +100,15 @@ def test_window_and_sink_settings(window, sinks):
     assert check_against_oracle(tiny_model("llama"), [1] * 80, window, sinks, name="llama/settings") < TOLERANCE
 
 
-def test_oracle_is_sensitive(monkeypatch):
+@pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
+def test_oracle_is_sensitive(monkeypatch, static):
     """Negative controls: a sink rotation off by one position, or none at all, must fail the oracle test."""
     real_rotate = sinkcache.cache.rotate
     model = tiny_model("llama")
     monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: real_rotate(k, p + 1, f))
-    assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE
+    assert check_against_oracle(model, [1] * 40, static=static) > 100 * TOLERANCE
     monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: k.float())
-    assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE
+    assert check_against_oracle(model, [1] * 40, static=static) > 100 * TOLERANCE
 
 
 def test_oracle_detects_wrong_positions(monkeypatch):
@@ -109,9 +116,9 @@ def test_oracle_detects_wrong_positions(monkeypatch):
     model = tiny_model("llama")
     real = SinkCache.begin_step
 
-    def absolute_positions(self, new_mask, rope):
+    def absolute_positions(self, new_mask, *args):
         start = self.seen
-        position_ids, mask = real(self, new_mask, rope)
+        position_ids, mask = real(self, new_mask, *args)
         return torch.arange(start, start + new_mask.shape[1])[None].expand_as(position_ids).clone(), mask
 
     monkeypatch.setattr(SinkCache, "begin_step", absolute_positions)

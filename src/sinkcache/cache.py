@@ -29,6 +29,17 @@ standard causal / sliding-window masks of transformers apply unchanged (slot dis
 
 Batches may be left-padded: padding slots are masked and zeroed, never become sinks, and each row's sinks are its own
 first real tokens. Padding after a row's first real token is refused.
+
+Static shapes (``static_shapes=True``, for ``torch.compile``)
+-------------------------------------------------------------
+The layout and the positions are the same; only the *addressing* changes. Each step then attends to the whole
+buffer (``window_length + slack`` slots) and a ``[batch, slots]`` mask hides the slots outside the live region, the
+new tokens and the sinks are written through index tensors, and the query offset of the causal mask is a tensor.
+A one-token step therefore has the same shapes and the same Python control flow at every step: inside the model's
+forward the cache reads no Python number that changes, so a compiled decode step compiles once. Everything that
+does depend on the step's numbers (the plan, compaction and the position re-base, which touch every layer once per
+``slack`` or ``window_length`` tokens) runs in ``begin_step``, before the model's forward, outside the graph.
+The price is attention over the slack slots too (masked): 1.25x the keys of the default addressing.
 """
 
 from __future__ import annotations
@@ -52,30 +63,33 @@ class NotEnabledError(RuntimeError):
 class StepPlan:
     """Everything a layer needs to apply one forward step; computed once per step by ``SinkCache.begin_step``.
 
-    All slot numbers are absolute stream slots (``0, 1, ...`` over every column ever fed, padding included).
+    Slot numbers are absolute stream slots (``0, 1, ...`` over every column ever fed, padding included) unless said
+    otherwise. The ``*_at`` fields address a layer's buffer (buffer index ``slot - base``) and are slices with the
+    default addressing, index tensors on the model's device with static shapes: a layer uses them the same way.
     """
 
     step: int
     start: int  # first token consumed before this step (== tokens seen so far)
     num_new: int  # tokens in this forward call
     region_start: int  # first slot attended to: the sinks of full rows start here
-    base: int  # absolute slot of buffer index 0, after any compaction this step
-    old_base: int  # ... before it
-    capacity: int  # buffer slots, after any growth this step
-    shift: int  # positions subtract this much this step (re-base); window keys rotate by -shift
-    offset: int  # position of slot s is s - offset (after the re-base)
+    base: int  # absolute slot of buffer index 0
+    capacity: int  # buffer slots
+    offset: int  # position of slot s is s - offset
+    write_at: slice | torch.Tensor  # buffer indices of the new tokens
+    sinks_at: slice | torch.Tensor  # buffer indices of the sinks of full rows
+    sink_rows: slice | torch.Tensor  # rows of the rotation table that move the sinks to their positions
+    attend: slice  # the buffer indices this step attends to (everything, with static shapes)
     full_rows: torch.Tensor | None  # [batch] bool: rows whose sinks must be written; None when no row is full
     all_full: bool
     new_mask: torch.Tensor | None  # [batch, num_new] bool validity of the new tokens; None when all valid
-    sink_rows: torch.Tensor | None  # new tokens that are sinks: row index, sink index, column index in the chunk
-    sink_ids: torch.Tensor | None
-    sink_cols: torch.Tensor | None
+    capture: tuple[torch.Tensor, ...] | None  # new tokens that are sinks: row, sink index, column, position
+    query_offset: int | torch.Tensor  # buffer index of the first new token (the causal mask's query offset)
 
 
 class SinkLayer(CacheLayerMixin):
     """One decoder layer's storage. It holds no policy: it applies the ``StepPlan`` of its parent ``SinkCache``."""
 
-    is_compileable = False
+    is_compileable = False  # see SinkCache.is_compileable
     is_croppable = False
     is_sliding = False
     # set by lazy_initialization, before any use (the base class declares them Optional)
@@ -84,12 +98,13 @@ class SinkLayer(CacheLayerMixin):
     sink_keys: torch.Tensor  # [batch, heads, sinks, head_dim] float32, unrotated
     sink_values: torch.Tensor
     inv_freq: torch.Tensor
+    table: RotationTable
 
     def __init__(self, parent: SinkCache, layer_idx: int):
         super().__init__()
         self.parent = parent
         self.layer_idx = layer_idx
-        self.applied_step = -1
+        self.pending = False  # begin_step sets it; update clears it: a layer still pending missed a step
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         plan, parent = self.parent.plan, self.parent
@@ -102,54 +117,71 @@ class SinkLayer(CacheLayerMixin):
         self.sink_keys = key_states.new_zeros(batch, heads, sinks, head_dim, dtype=torch.float32)
         self.sink_values = value_states.new_zeros(batch, heads, sinks, value_states.shape[-1])
         self.inv_freq = parent.rope.frequencies(self.layer_idx, self.device)
+        self.table = parent.rotation_table(self.inv_freq, head_dim)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Store the new (already rotated) keys/values and return the keys/values this step attends to.
 
-        Returns views of the buffer: ``[batch, heads, tokens_attended, head_dim]`` in stream order, sinks first.
+        Returns views of the buffer, ``[batch, heads, slots, head_dim]`` in stream order: the slots of
+        ``plan.attend``, i.e. the live region (sinks first) or, with static shapes, the whole buffer.
         """
         plan = self.parent.plan
-        if plan is None or self.applied_step == plan.step:
-            raise NotEnabledError(
-                "SinkCache received keys from a forward pass it was not prepared for. Call "
-                "sinkcache.enable_streaming(model) once before using a SinkCache: it assigns the positions "
-                "inside the cache that the model needs."
-            )
-        if (self.applied_step != plan.step - 1) if self.is_initialized else plan.start != 0:
-            # a layer that missed a step (or the stream's first step) holds no keys for those tokens
-            raise RuntimeError("A previous forward pass on this SinkCache did not finish; call cache.reset().")
         if not self.is_initialized:
+            if plan is None:
+                raise NotEnabledError(NOT_ENABLED)
+            if plan.start != 0:  # a layer first seen after the first step missed the stream's first tokens
+                raise RuntimeError(INTERRUPTED)
             self.lazy_initialization(key_states, value_states)
-        self.applied_step = plan.step
+        elif not self.pending:
+            raise NotEnabledError(NOT_ENABLED)
+        self.pending = False
+        assert plan is not None
         if key_states.shape[0] != self.keys.shape[0] or key_states.shape[-2] != plan.num_new:
             raise ValueError(
                 f"SinkCache layer {self.layer_idx} expected keys for batch {self.keys.shape[0]} and "
                 f"{plan.num_new} tokens, got {tuple(key_states.shape)}."
             )
-        self._relocate(plan)
-        lo, now = plan.region_start - plan.base, plan.start - plan.base
-        if plan.shift:
-            shift = torch.tensor(-plan.shift, device=self.device)
-            self.keys[:, :, lo:now] = rotate(self.keys[:, :, lo:now], shift, self.inv_freq).to(self.dtype)
         if plan.full_rows is not None:
-            self._write_sinks(plan, lo)
+            self._write_sinks(plan)
         if plan.new_mask is not None:  # zero padding so that nothing (not even NaN) leaks from masked slots
             keep = plan.new_mask.to(self.device)[:, None, :, None]
             key_states = key_states.masked_fill(~keep, 0)
             value_states = value_states.masked_fill(~keep, 0)
-        if plan.sink_rows is not None:
-            self._capture_sinks(plan, key_states, value_states)
-        end = now + plan.num_new
-        self.keys[:, :, now:end] = key_states
-        self.values[:, :, now:end] = value_states
-        return self.keys[:, :, lo:end], self.values[:, :, lo:end]
+        if plan.capture is not None:
+            self._capture_sinks(plan.capture, key_states, value_states)
+        self.keys[:, :, plan.write_at] = key_states
+        self.values[:, :, plan.write_at] = value_states
+        return self.keys[:, :, plan.attend], self.values[:, :, plan.attend]
 
-    def _relocate(self, plan: StepPlan) -> None:
+    def _write_sinks(self, plan: StepPlan) -> None:
+        """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
+        where = plan.sinks_at
+        if plan.all_full:  # the common case: rotate straight into the slots, no temporary
+            if isinstance(where, slice):
+                self.table.rotate(self.sink_keys, plan.sink_rows, out=self.keys[:, :, where])
+            else:
+                self.keys[:, :, where] = self.table.rotate(self.sink_keys, plan.sink_rows).to(self.dtype)
+            self.values[:, :, where] = self.sink_values
+        else:
+            assert plan.full_rows is not None
+            full = plan.full_rows.to(self.device)[:, None, None, None]
+            sink_keys = self.table.rotate(self.sink_keys, plan.sink_rows).to(self.dtype)
+            self.keys[:, :, where] = torch.where(full, sink_keys, self.keys[:, :, where])
+            self.values[:, :, where] = torch.where(full, self.sink_values, self.values[:, :, where])
+
+    def _capture_sinks(self, capture: tuple[torch.Tensor, ...], key_states: torch.Tensor,
+                       value_states: torch.Tensor) -> None:
+        """Keep an unrotated float32 copy of each row's first tokens: every later sink write starts from it."""
+        rows, ids, cols, positions = (t.to(self.device) for t in capture)
+        self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
+        self.sink_values[rows, :, ids] = value_states[rows, :, cols]
+
+    def relocate(self, plan: StepPlan, old_base: int) -> None:
         """Compaction (and growth or shrinking): move the live slots to the start of a buffer of plan.capacity."""
-        if plan.base == plan.old_base and plan.capacity == self.keys.shape[-2]:
+        if plan.base == old_base and plan.capacity == self.keys.shape[-2]:
             return
-        src = slice(plan.region_start - plan.old_base, plan.start - plan.old_base)
+        src = slice(plan.region_start - old_base, plan.start - old_base)
         live = plan.start - plan.region_start
         if plan.capacity == self.keys.shape[-2]:
             self.keys[:, :, :live] = self.keys[:, :, src].clone()
@@ -160,28 +192,11 @@ class SinkLayer(CacheLayerMixin):
         keys[:, :, :live], values[:, :, :live] = self.keys[:, :, src], self.values[:, :, src]
         self.keys, self.values = keys, values
 
-    def _write_sinks(self, plan: StepPlan, lo: int) -> None:
-        """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
-        where = slice(lo, lo + self.sink_keys.shape[-2])
-        table = self.parent.rotation_table(self.inv_freq, self.sink_keys.shape[-1])
-        first_position = plan.region_start - plan.offset
-        if plan.all_full:  # the common case: rotate straight into the slots, no temporary
-            table.rotate(self.sink_keys, first_position, out=self.keys[:, :, where])
-            self.values[:, :, where] = self.sink_values
-        else:
-            assert plan.full_rows is not None
-            full = plan.full_rows.to(self.device)[:, None, None, None]
-            sink_keys = table.rotate(self.sink_keys, first_position).to(self.dtype)
-            self.keys[:, :, where] = torch.where(full, sink_keys, self.keys[:, :, where])
-            self.values[:, :, where] = torch.where(full, self.sink_values, self.values[:, :, where])
-
-    def _capture_sinks(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Keep an unrotated float32 copy of each row's first tokens: every later sink write starts from it."""
-        assert plan.sink_rows is not None and plan.sink_ids is not None and plan.sink_cols is not None
-        rows, ids, cols = (t.to(self.device) for t in (plan.sink_rows, plan.sink_ids, plan.sink_cols))
-        positions = (cols + (plan.start - plan.offset))[:, None]  # [m, 1] broadcast over heads
-        self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions, self.inv_freq)
-        self.sink_values[rows, :, ids] = value_states[rows, :, cols]
+    def rebase(self, plan: StepPlan, shift: int) -> None:
+        """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
+        live = slice(plan.region_start - plan.base, plan.start - plan.base)
+        back = torch.tensor(-shift, device=self.device)
+        self.keys[:, :, live] = rotate(self.keys[:, :, live], back, self.inv_freq).to(self.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
@@ -218,18 +233,28 @@ class SinkLayer(CacheLayerMixin):
         )
 
 
+NOT_ENABLED = (
+    "SinkCache received keys from a forward pass it was not prepared for. Call sinkcache.enable_streaming(model) "
+    "once before using a SinkCache: it assigns the positions inside the cache that the model needs."
+)
+INTERRUPTED = "A previous forward pass on this SinkCache did not finish; call cache.reset()."
+
+
 class SinkCache(Cache):
     """A KV cache that keeps the first ``num_sink_tokens`` tokens forever plus a rolling window of recent tokens.
 
     Args:
         window_length: total number of cached tokens, sinks included (as in transformers' former SinkCache).
         num_sink_tokens: how many of the stream's first tokens are kept forever (the attention sinks).
+        static_shapes: attend to the whole buffer through a mask, so that every one-token step has the same shapes
+            and a ``torch.compile``d model (or decoder) compiles its decode step once. Same positions and outputs;
+            about 1.25x the attention keys. ``generate`` does not compile by itself (``is_compileable`` is False).
 
     Use it through ``sinkcache.enable_streaming(model)``, which installs the hook that gives each forward call
     its positions and mask from ``begin_step``. See the module docstring for the exact position contract.
     """
 
-    def __init__(self, window_length: int = 1024, num_sink_tokens: int = 4):
+    def __init__(self, window_length: int = 1024, num_sink_tokens: int = 4, *, static_shapes: bool = False):
         for name, value in (("window_length", window_length), ("num_sink_tokens", num_sink_tokens)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"SinkCache {name} must be an int, got {type(value).__name__} {value!r}.")
@@ -240,10 +265,13 @@ class SinkCache(Cache):
                 f"SinkCache window_length ({window_length}) must be larger than num_sink_tokens ({num_sink_tokens}): "
                 "it counts the sinks plus at least one recent token. Increase window_length."
             )
+        if not isinstance(static_shapes, bool):
+            raise TypeError(f"SinkCache static_shapes must be True or False, got {static_shapes!r}.")
         super().__init__(layers=[])
         self.layers: list[SinkLayer]  # type: ignore[assignment]  # only SinkLayers, created by update()
         self.window_length = window_length
         self.num_sink_tokens = num_sink_tokens
+        self.static_shapes = static_shapes
         self.slack = max(16, window_length // 4)  # compaction every `slack` tokens copies the window once
         self.rope: RopeSpec | None = None
         self._tables: dict[tuple[int, torch.device, int], RotationTable] = {}
@@ -263,22 +291,26 @@ class SinkCache(Cache):
 
     def __repr__(self) -> str:
         return (f"SinkCache(window_length={self.window_length}, num_sink_tokens={self.num_sink_tokens}, "
-                f"seen={self.seen}, layers={len(self.layers)})")
+                f"static_shapes={self.static_shapes}, seen={self.seen}, layers={len(self.layers)})")
 
     # ---- the policy: one step ------------------------------------------------------------------------------
-    def begin_step(self, new_mask: torch.Tensor, rope: RopeSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Plan the next forward call and return its ``(position_ids, attention_mask)`` for the model.
+    def begin_step(self, new_mask: torch.Tensor, rope: RopeSpec, device: torch.device | str = "cpu"
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Plan the next forward call, compact or re-base the stored layers, and return the model's inputs.
 
         Args:
             new_mask: ``[batch, num_new]`` bool, which new columns are real tokens (False = padding).
             rope: the model's rotary spec; a cache serves one model only.
+            device: where the model's inputs live; the plan's index tensors (static shapes) are made there.
 
         Returns:
-            ``position_ids`` ``[batch, num_new]`` (CPU, long) and a 2D validity mask over buffer slots
-            ``[batch, base .. end)`` (CPU, bool), or ``None`` when every attended slot is valid.
+            ``position_ids`` ``[batch, num_new]`` (CPU, long) and a 2D validity mask over the buffer from index 0 to
+            the last attended one (CPU, bool), or ``None`` when every attended slot is valid.
         """
         if self.rope is not None and self.rope.model_id != rope.model_id:
             raise ValueError("This SinkCache was used with another model; create one SinkCache per model.")
+        if any(layer.pending for layer in self.layers):
+            raise RuntimeError(INTERRUPTED)
         self.rope = rope
         new_mask = new_mask.to("cpu", torch.bool)
         batch, n = new_mask.shape
@@ -313,22 +345,46 @@ class SinkCache(Cache):
         full_rows = None
         if sinks and self._first_min < region_start:
             full_rows = self.first_real < region_start
-        sink_rows = sink_ids = sink_cols = None
+        capture: tuple[torch.Tensor, ...] | None = None
         if t < self._first_max + sinks:  # some row's first tokens arrive now: keep them as its sinks
             sink_slot = self.first_real[:, None] + torch.arange(sinks)[None, :]
-            sink_rows, sink_ids = ((sink_slot >= t) & (sink_slot < t + n)).nonzero(as_tuple=True)
-            sink_cols = sink_slot[sink_rows, sink_ids] - t
+            rows, ids = ((sink_slot >= t) & (sink_slot < t + n)).nonzero(as_tuple=True)
+            if len(rows):
+                slots = sink_slot[rows, ids]
+                capture = (rows, ids, slots - t, slots - self.offset)
+        lo, now = region_start - base, t - base
+        sink_position = region_start - self.offset  # in the rotation table: <= window_length (see rotation_table)
+        write_at: slice | torch.Tensor
+        sinks_at: slice | torch.Tensor
+        sink_rows: slice | torch.Tensor
+        query_offset: int | torch.Tensor
+        if self.static_shapes:
+            write_at = torch.arange(now, now + n, device=device)
+            sinks_at = torch.arange(lo, lo + sinks, device=device)
+            sink_rows = torch.arange(sink_position, sink_position + sinks, device=device)
+            attend, query_offset = slice(None), torch.tensor(now + 1, device=device)  # + 1: see mask_sizes
+            capture = None if capture is None else (*(x.to(device) for x in capture),)
+        else:
+            write_at, sinks_at = slice(now, now + n), slice(lo, lo + sinks)
+            sink_rows, attend, query_offset = slice(sink_position, sink_position + sinks), slice(lo, now + n), now
         self.step += 1
         self.plan = StepPlan(
-            step=self.step, start=t, num_new=n, region_start=region_start, base=base, old_base=old_base,
-            capacity=capacity, shift=shift, offset=self.offset, full_rows=full_rows,
-            all_full=self._first_max < region_start, new_mask=None if self._all_real else new_mask,
-            sink_rows=sink_rows if sink_rows is not None and len(sink_rows) else None, sink_ids=sink_ids,
-            sink_cols=sink_cols,
+            step=self.step, start=t, num_new=n, region_start=region_start, base=base, capacity=capacity,
+            offset=self.offset, write_at=write_at, sinks_at=sinks_at, sink_rows=sink_rows, attend=attend,
+            full_rows=full_rows, all_full=self._first_max < region_start,
+            new_mask=None if self._all_real else new_mask, capture=capture, query_offset=query_offset,
         )
+        for layer in self.layers:
+            layer.relocate(self.plan, old_base)
+            if shift:
+                layer.rebase(self.plan, shift)
+            layer.pending = True
         self.base, self.seen = base, t + n
 
         position_ids = torch.arange(t - self.offset, t + n - self.offset).expand(batch, n).clone()
+        if self.static_shapes:  # the whole buffer is attended: hide what lies outside the live region
+            slots = torch.arange(base - 1, base + capacity)[None, :]  # from -1: see mask_sizes
+            return position_ids, (slots >= self.first_real[:, None].clamp(min=region_start)) & (slots < t + n)
         if self._first_max <= region_start:  # every attended slot holds a real token
             return position_ids, None
         return position_ids, torch.arange(base, t + n)[None, :] >= self.first_real[:, None]
@@ -377,6 +433,10 @@ class SinkCache(Cache):
         if self.plan is None:
             raise NotEnabledError("SinkCache has no planned step; call sinkcache.enable_streaming(model) first.")
         plan = self.plan
+        if self.static_shapes:
+            # Buffer index i is numbered i + 1 in the mask (and the 2D mask has a leading, masked column): at query
+            # offset 0, transformers would take a partly filled buffer for an empty static cache and drop the mask.
+            return plan.capacity, 1
         return plan.start + plan.num_new - plan.region_start, plan.region_start - plan.base
 
     # ---- transformers Cache interface -----------------------------------------------------------------------
@@ -394,11 +454,14 @@ class SinkCache(Cache):
             return query_length, 0
         return self.mask_sizes()
 
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        """Buffer slot of the first new token: the causal mask compares it with the key slots."""
+    def get_query_offset(self, layer_idx: int = 0) -> int | torch.Tensor:  # type: ignore[override]
+        """Buffer index of the first new token: the causal mask compares it with the key slots' indices.
+
+        A tensor with static shapes, so that a compiled step does not specialise on it (as transformers' StaticCache).
+        """
         if self.plan is None:
             return 0
-        return self.plan.start - self.plan.base
+        return self.plan.query_offset
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
@@ -429,4 +492,6 @@ class SinkCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
+        # Even with static shapes: for a "compileable" cache, generate() builds the 4D mask itself before the forward
+        # (from the previous step's sizes), which would bypass the slot mask. Compile the model or its decoder instead.
         return False

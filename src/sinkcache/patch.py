@@ -35,6 +35,7 @@ class _Streaming:
     window_length: int
     num_sink_tokens: int
     prefill_chunk_size: int
+    static_shapes: bool
     rope: RopeSpec
     hook: torch.utils.hooks.RemovableHandle
     had_own_generate: bool
@@ -51,6 +52,7 @@ def enable_streaming(
     num_sink_tokens: int = 4,
     *,
     prefill_chunk_size: int | None = None,
+    static_shapes: bool = False,
 ) -> PreTrainedModel:
     """Make ``model`` stream with a ``SinkCache``; returns the same model.
 
@@ -65,11 +67,13 @@ def enable_streaming(
         num_sink_tokens: first tokens of the stream kept forever.
         prefill_chunk_size: prompt tokens per forward call inside ``generate`` (default: ``window_length``);
             bounds prefill memory by the cache size instead of the prompt length.
+        static_shapes: give ``generate``'s caches static shapes (``SinkCache(..., static_shapes=True)``), so that
+            the decode step of a compiled model (``torch.compile``) compiles once.
 
     Raises:
         UnsupportedModelError: the model's positions cannot be shifted inside a cache; the message says why.
     """
-    SinkCache(window_length, num_sink_tokens)  # validates the sizes with the cache's own messages
+    SinkCache(window_length, num_sink_tokens, static_shapes=static_shapes)  # validates with the cache's messages
     chunk = window_length if prefill_chunk_size is None else prefill_chunk_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
@@ -97,7 +101,7 @@ def enable_streaming(
 
     own = model.__dict__.get("generate")
     _ENABLED[model] = _Streaming(
-        window_length, num_sink_tokens, chunk, rope,
+        window_length, num_sink_tokens, chunk, static_shapes, rope,
         decoder.register_forward_pre_hook(position_hook, with_kwargs=True), "generate" in model.__dict__, own,
     )
     model.__dict__["generate"] = _streaming_generate(model)  # an instance attribute shadows the method
@@ -122,6 +126,7 @@ def is_streaming(model: nn.Module) -> bool:
     return model in _ENABLED
 
 
+@torch.compiler.disable  # host-side planning: a compiled forward runs it eagerly and only ever sees its tensors
 def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
     """Plan the cache's next step and put its positions and slot mask into the forward's kwargs."""
     inputs = kwargs.get("input_ids")
@@ -140,7 +145,7 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
         )
     else:
         new_mask = mask[:, -n:]
-    position_ids, slot_mask = cache.begin_step(new_mask, rope)
+    position_ids, slot_mask = cache.begin_step(new_mask, rope, inputs.device)
     kwargs["position_ids"] = position_ids.to(inputs.device)
     kwargs["attention_mask"] = None if slot_mask is None else slot_mask.to(inputs.device)
     return kwargs
@@ -155,7 +160,7 @@ def _streaming_generate(model: PreTrainedModel) -> Callable[..., Any]:
         if "past_key_values" in kwargs and "cache" not in kwargs:
             kwargs["cache"] = kwargs.pop("past_key_values")
         if kwargs.get("cache") is None and kwargs.get("use_cache", True) is not False:
-            kwargs["cache"] = SinkCache(state.window_length, state.num_sink_tokens)
+            kwargs["cache"] = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
         if isinstance(kwargs.get("cache"), SinkCache) and "prefill_chunk_size" not in kwargs:
             config = kwargs.get("generation_config") or model.generation_config
             if getattr(config, "prefill_chunk_size", None) is None:

@@ -71,9 +71,9 @@ class RotationTable:
         self.partner = torch.cat((torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)))
         self.partner = self.partner.to(inv_freq.device)
 
-    def rotate(self, keys: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate float32 ``keys [..., n, head_dim]`` to positions ``start .. start+n-1``, into ``out`` if given."""
-        rows = slice(start, start + keys.shape[-2])
+    def rotate(self, keys: torch.Tensor, rows: slice | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate float32 ``keys [..., n, head_dim]`` to the ``n`` positions ``rows`` (a slice or an index tensor of
+        table rows), into ``out`` if given."""
         return torch.add(keys * self.cos[rows], keys[..., self.partner] * self.sin[rows], out=out)
 
 

@@ -27,6 +27,11 @@ step's latency, the bytes held by the cache and the process' resident memory. At
 after the whole stream is measured interleaved with a copy of the same cache taken after ``--stream-early``
 tokens, again in ``--runs`` runs. A DynamicCache stream of ``--dynamic-stream-tokens`` tokens shows the contrast.
 
+The torch.compile study (tiny model and SmolLM2, ``W = --headline-window``) times, interleaved token by token,
+a DynamicCache holding ``W`` tokens (reference), the default SinkCache, and ``SinkCache(static_shapes=True)`` eager
+and compiled with inductor two ways (the decoder's forward; the whole model), and counts the graphs compiled after
+the warm-up (recompilations).
+
 Token ids are random: decode time does not depend on the values (no data-dependent control flow).
 """
 
@@ -340,8 +345,10 @@ def compile_decoder(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-#: The ways a decode step is run: label -> (static_shapes, compiles a separate model, wrap the model).
-COMPILE_WAYS: dict[str, tuple[bool, bool, Callable[[torch.nn.Module], Callable[..., Any]]]] = {
+#: The ways a decode step is run: label -> (static_shapes, compiles a separate model, wrap the model); a
+#: static_shapes of None is the reference: a DynamicCache holding the same tokens, cropped back after each step.
+COMPILE_WAYS: dict[str, tuple[bool | None, bool, Callable[[torch.nn.Module], Callable[..., Any]]]] = {
+    "DynamicCache, eager (reference)": (None, False, lambda model: model),
     "default cache, eager": (False, False, lambda model: model),
     "static_shapes, eager": (True, False, lambda model: model),
     "static_shapes, inductor: decoder forward": (True, True, compile_decoder),
@@ -362,20 +369,27 @@ def compile_study(name: str, window: int, tokens: int, runs: int, device: torch.
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     eager_model = enable_streaming(load(name, device), window, SINKS)
-    separate = enable_streaming(load(name, device), window, SINKS)
+    separate = {label: enable_streaming(load(name, device), window, SINKS)
+                for label, (_, own_model, _) in COMPILE_WAYS.items() if own_model}
     ids = Stream(eager_model.config.vocab_size, window + 32 + COMPILE_WARMUP + runs * tokens, device, seed=2)
     prefill, warmup = ids.take(window + 32), ids.take(COMPILE_WARMUP)
-    ways: dict[str, tuple[Callable[..., Any], SinkCache]] = {}
+    ways: dict[str, tuple[Callable[..., Any], Any]] = {}
     result: dict[str, Any] = {"model": name, "window_length": window, "ways": {}}
     for label, (static, own_model, wrap) in COMPILE_WAYS.items():
-        model = separate if own_model else eager_model
-        cache = SinkCache(window, SINKS, static_shapes=static)
-        for start in range(0, prefill.shape[1], window):
-            model(input_ids=prefill[:, start : start + window], cache=cache)
+        model = separate[label] if own_model else eager_model
+        if static is None:  # W tokens cached; each step adds one, cropped again outside the timing
+            cache: Any = DynamicCache()
+            model(input_ids=prefill[:, -window:], cache=cache)
+        else:
+            cache = SinkCache(window, SINKS, static_shapes=static)
+            for start in range(0, prefill.shape[1], window):
+                model(input_ids=prefill[:, start : start + window], cache=cache)
         began = time.perf_counter()
         call = wrap(model)
         for i in range(COMPILE_WARMUP):
             call(input_ids=warmup[:, i : i + 1], cache=cache)
+            if static is None:
+                cache.crop(-1)
         result["ways"][label] = {"warmup_s": time.perf_counter() - began}
         ways[label] = (call, cache)
     graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -389,6 +403,8 @@ def compile_study(name: str, window: int, tokens: int, runs: int, device: torch.
             for label in order[shift:] + order[:shift]:
                 call, cache = ways[label]
                 times[label].append(timed(device, call, input_ids=token, cache=cache))
+                if isinstance(cache, DynamicCache):
+                    cache.crop(-1)
         stats = {label: summary(seconds) for label, seconds in times.items()}
         base, static = stats["default cache, eager"]["ms_mean"], stats["static_shapes, eager"]["ms_mean"]
         per_run.append({label: {**stat, "speedup_vs_default_eager": base / stat["ms_mean"],
@@ -500,9 +516,10 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
                         help="length of the DynamicCache contrast stream (its cost grows with the length)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="measure torch.compile of the decode step (static shapes)")
-    parser.add_argument("--compile-models", nargs="+", default=["tiny"], choices=["tiny", "smollm2"],
-                        help="models of the torch.compile study")
-    parser.add_argument("--compile-tokens", type=int, default=300, help="decode tokens per run per way of the study")
+    parser.add_argument("--compile-models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"],
+                        help="models of the torch.compile study (only those also in --models)")
+    parser.add_argument("--compile-tokens", type=int, default=300,
+                        help="decode tokens per run per way of the study, tiny (SmolLM2: --model-tokens)")
     parser.add_argument("--headline-window", type=int, default=1024, help="W of the re-computation target")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "speed", help="folder for results.json, speed.png")
     args = parser.parse_args(argv)
@@ -527,10 +544,10 @@ def stream_measurements(args: argparse.Namespace, device: torch.device, results:
     results["dynamic_stream"] = dynamic_stream(tiny, settings, device)
     if args.compile:
         results["compile"] = []
-        for name in args.compile_models:
+        for name in (model for model in args.compile_models if model in args.models):
             print(f"torch.compile ({name}, W={args.headline_window})", flush=True)
-            results["compile"].append(compile_study(name, args.headline_window, args.compile_tokens, args.runs,
-                                                    device))
+            tokens = args.compile_tokens if name == "tiny" else args.model_tokens
+            results["compile"].append(compile_study(name, args.headline_window, tokens, args.runs, device))
 
 
 def main(argv: Iterable[str] | None = None) -> dict[str, Any]:

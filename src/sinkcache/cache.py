@@ -21,7 +21,7 @@ standard causal / sliding-window masks of transformers apply unchanged (slot dis
   gets the next position, so their distances are right without touching them.
 * The sinks are the only tokens that move: each step they are written into the ``num_sink_tokens`` slots just
   before the oldest window token, rotated in float32 from a stored copy of their *unrotated* keys (one rounding,
-  however long the stream).
+  however long the stream). They are rotated for 8 consecutive placements at once and then copied, step by step.
 * Every ``slack`` tokens the live slice is copied back to the start of the buffer (compaction). More than
   ``window_length`` tokens apart, the offset is re-based so that positions stay below ``2 * window_length`` plus
   the call's tokens: a window key is re-rotated (float32, one rounding) at most once in its life.
@@ -53,13 +53,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
+SINKS_AHEAD = 8  # default addressing: the sinks are rotated for this many steps at once, then copied per step
 
 
 class NotEnabledError(RuntimeError):
     """A SinkCache was driven by a forward pass that did not go through ``enable_streaming``'s hook."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepPlan:
     """Everything a layer needs to apply one forward step; computed once per step by ``SinkCache.begin_step``.
 
@@ -68,22 +69,21 @@ class StepPlan:
     default addressing, index tensors on the model's device with static shapes: a layer uses them the same way.
     """
 
-    step: int
     start: int  # first token consumed before this step (== tokens seen so far)
     num_new: int  # tokens in this forward call
     region_start: int  # first slot attended to: the sinks of full rows start here
     base: int  # absolute slot of buffer index 0
     capacity: int  # buffer slots
-    offset: int  # position of slot s is s - offset
     write_at: slice | torch.Tensor  # buffer indices of the new tokens
     sinks_at: slice | torch.Tensor  # buffer indices of the sinks of full rows
     sink_rows: slice | torch.Tensor  # rows of the rotation table that move the sinks to their positions
     attend: slice  # the buffer indices this step attends to (everything, with static shapes)
-    full_rows: torch.Tensor | None  # [batch] bool: rows whose sinks must be written; None when no row is full
-    all_full: bool
+    some_full: bool  # some row's stream outgrew the window: its sinks must be written
+    all_full: bool  # ... every row's
+    full_rows: torch.Tensor | None  # [batch] bool, which rows, when some but not all are full
     new_mask: torch.Tensor | None  # [batch, num_new] bool validity of the new tokens; None when all valid
     capture: tuple[torch.Tensor, ...] | None  # new tokens that are sinks: row, sink index, column, position
-    query_offset: int | torch.Tensor  # buffer index of the first new token (the causal mask's query offset)
+    query_offset: int | torch.Tensor  # the causal mask's index of the first new token (see mask_sizes)
 
 
 class SinkLayer(CacheLayerMixin):
@@ -105,6 +105,8 @@ class SinkLayer(CacheLayerMixin):
         self.parent = parent
         self.layer_idx = layer_idx
         self.pending = False  # begin_step sets it; update clears it: a layer still pending missed a step
+        self.ahead: torch.Tensor | None = None  # the sinks rotated to several consecutive placements
+        self.ahead_start = 0  # the rotation-table row of ahead[0]'s first sink
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         plan, parent = self.parent.plan, self.parent
@@ -142,7 +144,7 @@ class SinkLayer(CacheLayerMixin):
                 f"SinkCache layer {self.layer_idx} expected keys for batch {self.keys.shape[0]} and "
                 f"{plan.num_new} tokens, got {tuple(key_states.shape)}."
             )
-        if plan.full_rows is not None:
+        if plan.some_full:
             self._write_sinks(plan)
         if plan.new_mask is not None:  # zero padding so that nothing (not even NaN) leaks from masked slots
             keep = plan.new_mask.to(self.device)[:, None, :, None]
@@ -157,9 +159,9 @@ class SinkLayer(CacheLayerMixin):
     def _write_sinks(self, plan: StepPlan) -> None:
         """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
         where = plan.sinks_at
-        if plan.all_full:  # the common case: rotate straight into the slots, no temporary
-            if isinstance(where, slice):
-                self.table.rotate(self.sink_keys, plan.sink_rows, out=self.keys[:, :, where])
+        if plan.all_full:  # the common case
+            if isinstance(plan.sink_rows, slice):  # a copy from a batch rotated for this and the next steps
+                self.keys[:, :, where] = self._sinks_rotated_from(plan.sink_rows.start)
             else:
                 self.keys[:, :, where] = self.table.rotate(self.sink_keys, plan.sink_rows).to(self.dtype)
             self.values[:, :, where] = self.sink_values
@@ -170,11 +172,23 @@ class SinkLayer(CacheLayerMixin):
             self.keys[:, :, where] = torch.where(full, sink_keys, self.keys[:, :, where])
             self.values[:, :, where] = torch.where(full, self.sink_values, self.values[:, :, where])
 
+    def _sinks_rotated_from(self, row: int) -> torch.Tensor:
+        """The sinks rotated to table rows ``row ..``: one batched rotation every ``SINKS_AHEAD`` placements."""
+        if self.ahead is None or not 0 <= row - self.ahead_start < self.ahead.shape[0]:
+            sinks = self.sink_keys.shape[-2]
+            count = min(SINKS_AHEAD, self.table.cos.shape[0] - sinks - row + 1)
+            rows = row + torch.arange(count, device=self.table.cos.device)[:, None] + torch.arange(
+                sinks, device=self.table.cos.device)
+            self.ahead = self.table.rotate(self.sink_keys[None], rows[:, None, None]).to(self.dtype)
+            self.ahead_start = row
+        return self.ahead[row - self.ahead_start]
+
     def _capture_sinks(self, capture: tuple[torch.Tensor, ...], key_states: torch.Tensor,
                        value_states: torch.Tensor) -> None:
         """Keep an unrotated float32 copy of each row's first tokens: every later sink write starts from it."""
         rows, ids, cols, positions = (t.to(self.device) for t in capture)
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
+        self.ahead = None
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
 
     def relocate(self, plan: StepPlan, old_base: int) -> None:
@@ -215,6 +229,7 @@ class SinkLayer(CacheLayerMixin):
             index = index.to(self.device)
             self.keys, self.values = self.keys[index], self.values[index]
             self.sink_keys, self.sink_values = self.sink_keys[index], self.sink_values[index]
+            self.ahead = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -283,7 +298,6 @@ class SinkCache(Cache):
         self.seen = 0  # columns fed so far, padding included (what generate() calls the sequence length)
         self.base = 0
         self.offset = 0
-        self.step = -1
         self.plan: StepPlan | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
@@ -342,9 +356,8 @@ class SinkCache(Cache):
             shift, self.offset = region_start - self.offset, region_start
 
         # Rows are "full" once their stream outgrew the window: their sinks move to region_start every step.
-        full_rows = None
-        if sinks and self._first_min < region_start:
-            full_rows = self.first_real < region_start
+        some_full, all_full = sinks > 0 and self._first_min < region_start, self._first_max < region_start
+        full_rows = self.first_real < region_start if some_full and not all_full else None
         capture: tuple[torch.Tensor, ...] | None = None
         if t < self._first_max + sinks:  # some row's first tokens arrive now: keep them as its sinks
             sink_slot = self.first_real[:, None] + torch.arange(sinks)[None, :]
@@ -367,11 +380,10 @@ class SinkCache(Cache):
         else:
             write_at, sinks_at = slice(now, now + n), slice(lo, lo + sinks)
             sink_rows, attend, query_offset = slice(sink_position, sink_position + sinks), slice(lo, now + n), now
-        self.step += 1
         self.plan = StepPlan(
-            step=self.step, start=t, num_new=n, region_start=region_start, base=base, capacity=capacity,
-            offset=self.offset, write_at=write_at, sinks_at=sinks_at, sink_rows=sink_rows, attend=attend,
-            full_rows=full_rows, all_full=self._first_max < region_start,
+            start=t, num_new=n, region_start=region_start, base=base, capacity=capacity,
+            write_at=write_at, sinks_at=sinks_at, sink_rows=sink_rows, attend=attend,
+            some_full=some_full, all_full=all_full, full_rows=full_rows,
             new_mask=None if self._all_real else new_mask, capture=capture, query_offset=query_offset,
         )
         for layer in self.layers:
@@ -381,7 +393,9 @@ class SinkCache(Cache):
             layer.pending = True
         self.base, self.seen = base, t + n
 
-        position_ids = torch.arange(t - self.offset, t + n - self.offset).expand(batch, n).clone()
+        position_ids = torch.arange(t - self.offset, t + n - self.offset).view(1, n)
+        if batch > 1:
+            position_ids = position_ids.expand(batch, n).clone()
         if self.static_shapes:  # the whole buffer is attended: hide what lies outside the live region
             slots = torch.arange(base - 1, base + capacity)[None, :]  # from -1: see mask_sizes
             return position_ids, (slots >= self.first_real[:, None].clamp(min=region_start)) & (slots < t + n)

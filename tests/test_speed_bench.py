@@ -45,3 +45,15 @@ def test_quick_benchmark_writes_results_and_plot(tmp_path: Path) -> None:
     assert dynamic[-1]["cache_bytes"] > dynamic[0]["cache_bytes"]  # the contrast: DynamicCache keeps every token
 
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"].values())
+
+
+def test_step_cost_profile_prints_a_row_per_size() -> None:
+    script = SCRIPT.parent / "step_cost.py"
+    run = subprocess.run([sys.executable, str(script), "--sizes", "32", "64", "--steps", "40"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "W" not in line]
+    assert [row[0].strip() for row in rows] == ["32", "64"]
+    for row in rows:
+        step_sink, step_dynamic = (float(x) for x in row[1].split("/"))
+        assert step_sink > 0 and step_dynamic > 0 and float(row[3]) > 0

@@ -21,7 +21,7 @@ standard causal / sliding-window masks of transformers apply unchanged (slot dis
   gets the next position, so their distances are right without touching them.
 * The sinks are the only tokens that move: each step they are written into the ``num_sink_tokens`` slots just
   before the oldest window token, rotated in float32 from a stored copy of their *unrotated* keys (one rounding,
-  however long the stream). They are rotated for 8 consecutive placements at once and then copied, step by step.
+  however long the stream). With the default addressing they are rotated for 8 placements at once, then copied.
 * Every ``slack`` tokens the live slice is copied back to the start of the buffer (compaction). More than
   ``window_length`` tokens apart, the offset is re-based so that positions stay below ``2 * window_length`` plus
   the call's tokens: a window key is re-rotated (float32, one rounding) at most once in its life.

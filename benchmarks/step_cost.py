@@ -1,0 +1,110 @@
+"""Where a decode step's time goes: SinkCache's fixed per-step cost against DynamicCache's, on the tiny model.
+
+Run from the repository root::
+
+    python benchmarks/step_cost.py                 # W = 256, 1024 and 4096; about a minute on 2 CPU cores
+
+For each cache size ``W`` the tiny model (``benchmarks/speed.py``'s) decodes one token at a time with a SinkCache
+past its window and with a DynamicCache holding ``W`` tokens (cropped back after each step), the two alternating
+step by step. Three parts are timed with ``time.perf_counter`` wrappers (each adds well under a microsecond):
+
+* the whole forward call;
+* SinkCache's planning hook (``sinkcache.patch._positions_for_step``: the mask check, ``begin_step``, positions);
+* the cache's per-layer ``update`` (``SinkLayer.update`` / ``DynamicLayer.update``), summed over the layers.
+
+Medians per step are printed; the rest of the difference (attention over a view, mask creation) is what is left.
+This explains the throughput ratios of ``benchmarks/speed.py`` on the tiny model; it is a profile, not a target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+import sinkcache.patch
+from sinkcache import SinkCache, enable_streaming
+from sinkcache.cache import SinkLayer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import SINKS, tiny_model  # noqa: E402 - the speed benchmark's model, from the folder of this script
+
+
+class Timer:
+    """Accumulates the seconds spent in wrapped functions, per label, for the current step."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    def wrap(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.spent[label] = self.spent.get(label, 0.0) + time.perf_counter() - start
+
+        return timed
+
+
+@torch.no_grad()
+def profile(window: int, steps: int) -> dict[str, float]:
+    """Median microseconds per step of each timed part, for both caches."""
+    timer = Timer()
+    model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
+    ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
+    sink, dynamic = SinkCache(window, SINKS), DynamicCache()
+    model(input_ids=ids[:, :window], cache=sink)
+    model(input_ids=ids[:, 64:], cache=sink)  # past the window: every step evicts
+    model(input_ids=ids[:, -window:], cache=dynamic)
+    originals = (sinkcache.patch._positions_for_step, SinkLayer.update, DynamicLayer.update)
+    sinkcache.patch._positions_for_step = timer.wrap("plan", originals[0])
+    SinkLayer.update = timer.wrap("update", originals[1])  # type: ignore[method-assign]
+    DynamicLayer.update = timer.wrap("update", originals[2])  # type: ignore[method-assign]
+    samples: dict[str, list[float]] = {}
+    try:
+        for step in range(steps):
+            token = ids[:, step % ids.shape[1]][:, None]
+            pair = (("sink", sink), ("dynamic", dynamic))
+            for name, cache in pair if step % 2 == 0 else pair[::-1]:
+                timer.spent = {}
+                start = time.perf_counter()
+                model(input_ids=token, cache=cache)
+                samples.setdefault(f"{name} step", []).append(time.perf_counter() - start)
+                for label, seconds in timer.spent.items():
+                    samples.setdefault(f"{name} {label}", []).append(seconds)
+                if cache is dynamic:
+                    dynamic.crop(-1)
+    finally:
+        sinkcache.patch._positions_for_step, SinkLayer.update, DynamicLayer.update = originals  # type: ignore[method-assign]
+    return {label: statistics.median(values) * 1e6 for label, values in samples.items()}
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 1024, 4096], help="cache sizes W (tokens)")
+    parser.add_argument("--steps", type=int, default=3000, help="decode steps per cache")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| W | step µs SinkCache / DynamicCache | difference | planning hook | cache updates SinkCache / "
+          "DynamicCache (all layers) | rest of the difference |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for window in args.sizes:
+        us = profile(window, args.steps)
+        difference = us["sink step"] - us["dynamic step"]
+        rest = difference - us["sink plan"] - (us["sink update"] - us["dynamic update"])
+        print(f"| {window} | {us['sink step']:.0f} / {us['dynamic step']:.0f} | {difference:+.0f} | "
+              f"{us['sink plan']:.0f} | {us['sink update']:.0f} / {us['dynamic update']:.0f} | {rest:+.0f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -78,4 +78,9 @@ def test_compiled_generate_with_static_shapes_equals_eager():
     cache = SinkCache(WINDOW, SINKS, static_shapes=True)
     assert torch.equal(model.generate(prompt, max_new_tokens=60, do_sample=False, cache=cache), default)
     assert cache.layers[0].keys.shape[-2] == WINDOW + cache.slack
-    assert torch.equal(model.generate(prompt, max_new_tokens=60, do_sample=False), default)  # enable_streaming's
+    seen = []  # the cache generate() brings itself, from enable_streaming's settings
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["cache"]),
+                                                 with_kwargs=True)
+    assert torch.equal(model.generate(prompt, max_new_tokens=60, do_sample=False), default)
+    hook.remove()
+    assert seen and all(isinstance(cache, SinkCache) and cache.static_shapes for cache in seen)

@@ -388,7 +388,7 @@ def compile_study(name: str, window: int, tokens: int, runs: int, device: torch.
         call = wrap(model)
         for i in range(COMPILE_WARMUP):
             call(input_ids=warmup[:, i : i + 1], cache=cache)
-            if static is None:
+            if isinstance(cache, DynamicCache):
                 cache.crop(-1)
         result["ways"][label] = {"warmup_s": time.perf_counter() - began}
         ways[label] = (call, cache)
@@ -406,9 +406,10 @@ def compile_study(name: str, window: int, tokens: int, runs: int, device: torch.
                 if isinstance(cache, DynamicCache):
                     cache.crop(-1)
         stats = {label: summary(seconds) for label, seconds in times.items()}
-        base, static = stats["default cache, eager"]["ms_mean"], stats["static_shapes, eager"]["ms_mean"]
-        per_run.append({label: {**stat, "speedup_vs_default_eager": base / stat["ms_mean"],
-                                "speedup_vs_static_eager": static / stat["ms_mean"]} for label, stat in stats.items()})
+        default_ms, static_ms = stats["default cache, eager"]["ms_mean"], stats["static_shapes, eager"]["ms_mean"]
+        per_run.append({label: {**stat, "speedup_vs_default_eager": default_ms / stat["ms_mean"],
+                                "speedup_vs_static_eager": static_ms / stat["ms_mean"]}
+                        for label, stat in stats.items()})
     for label in ways:
         result["ways"][label].update({key: median_of(per_run, label, key) for key in (
             "ms_mean", "ms_median", "speedup_vs_default_eager", "speedup_vs_static_eager")})

@@ -376,7 +376,6 @@ class SinkCache(Cache):
             sinks_at = torch.arange(lo, lo + sinks, device=device)
             sink_rows = torch.arange(sink_position, sink_position + sinks, device=device)
             attend, query_offset = slice(None), torch.tensor(now + 1, device=device)  # + 1: see mask_sizes
-            capture = None if capture is None else (*(x.to(device) for x in capture),)
         else:
             write_at, sinks_at = slice(now, now + n), slice(lo, lo + sinks)
             sink_rows, attend, query_offset = slice(sink_position, sink_position + sinks), slice(lo, now + n), now
@@ -498,7 +497,7 @@ class SinkCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.first_real is not None:
-            self.first_real = self.first_real.repeat_interleave(repeats)
+            self._set_first_real(self.first_real.repeat_interleave(repeats))
         super().batch_repeat_interleave(repeats)
 
     def crop(self, tokens_to_remove: int) -> None:

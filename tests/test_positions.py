@@ -116,10 +116,10 @@ def test_oracle_detects_wrong_positions(monkeypatch):
     model = tiny_model("llama")
     real = SinkCache.begin_step
 
-    def absolute_positions(self, new_mask, *args):
+    def absolute_positions(self, batch, n, *args):
         start = self.seen
-        position_ids, mask = real(self, new_mask, *args)
-        return torch.arange(start, start + new_mask.shape[1])[None].expand_as(position_ids).clone(), mask
+        position_ids, mask = real(self, batch, n, *args)
+        return torch.arange(start, start + n)[None].expand_as(position_ids).clone(), mask
 
     monkeypatch.setattr(SinkCache, "begin_step", absolute_positions)
     assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE

@@ -285,7 +285,7 @@ def test_low_precision_keys_do_not_drift(dtype):
 
     def step(fed: int, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One forward call's work for this layer; returns what the call attends to and its last position."""
-        position_ids, _ = cache.begin_step(torch.ones(1, n, dtype=torch.bool), rope)
+        position_ids, _ = cache.begin_step(1, n, None, rope)
         keys = fresh_keys(unrotated[fed : fed + n].transpose(0, 1), position_ids[0]).to(dtype)[None]
         stored_keys, stored_values = cache.update(keys, values[fed : fed + n].transpose(0, 1)[None], 0)
         return stored_keys, stored_values, int(position_ids[0, -1])

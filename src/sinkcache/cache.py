@@ -53,6 +53,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
+_CPU = torch.device("cpu")
+_STALE = -(2**62)  # SinkLayer.ahead_start when the pre-placed sinks must be rotated again
 SINKS_AHEAD = 8  # default addressing: the sinks are rotated for this many steps at once, then copied per step
 
 
@@ -62,11 +64,10 @@ class NotEnabledError(RuntimeError):
 
 @dataclass(slots=True)
 class StepPlan:
-    """Everything a layer needs to apply one forward step; computed once per step by ``SinkCache.begin_step``.
+    """What the layers need to apply one forward step; computed once per step by ``SinkCache.begin_step``.
 
     Slot numbers are absolute stream slots (``0, 1, ...`` over every column ever fed, padding included) unless said
-    otherwise. The ``*_at`` fields address a layer's buffer (buffer index ``slot - base``) and are slices with the
-    default addressing, index tensors on the model's device with static shapes: a layer uses them the same way.
+    otherwise; buffer index = ``slot - base``.
     """
 
     start: int  # first token consumed before this step (== tokens seen so far)
@@ -74,25 +75,27 @@ class StepPlan:
     region_start: int  # first slot attended to: the sinks of full rows start here
     base: int  # absolute slot of buffer index 0
     capacity: int  # buffer slots
-    write_at: slice | torch.Tensor  # buffer indices of the new tokens
-    sinks_at: slice | torch.Tensor  # buffer indices of the sinks of full rows
-    sink_rows: slice | torch.Tensor  # rows of the rotation table that move the sinks to their positions
+    write_at: slice | torch.Tensor  # buffer indices of the new tokens: an index tensor with static shapes
     attend: slice  # the buffer indices this step attends to (everything, with static shapes)
-    some_full: bool  # some row's stream outgrew the window: its sinks must be written
-    all_full: bool  # ... every row's
-    full_rows: torch.Tensor | None  # [batch] bool, which rows, when some but not all are full
     new_mask: torch.Tensor | None  # [batch, num_new] bool validity of the new tokens; None when all valid
     capture: tuple[torch.Tensor, ...] | None  # new tokens that are sinks: row, sink index, column, position
     query_offset: int | torch.Tensor  # the causal mask's index of the first new token (see mask_sizes)
 
 
 class SinkLayer(CacheLayerMixin):
-    """One decoder layer's storage. It holds no policy: it applies the ``StepPlan`` of its parent ``SinkCache``."""
+    """One decoder layer: stores each step's new keys/values and returns the keys/values the step attends to.
+
+    It holds no policy: it applies the ``StepPlan`` of its parent ``SinkCache``. After the first step its tensors are
+    views into its ``LayerGroup``'s, which moves the sinks, compacts and re-bases for all of the group's layers.
+    Keys and values share one buffer ``kv`` ``[2, batch, heads, slots, width]`` (``width`` is the larger head
+    dimension); ``keys`` and ``values`` are views of it.
+    """
 
     is_compileable = False  # see SinkCache.is_compileable
     is_croppable = False
     is_sliding = False
     # set by lazy_initialization, before any use (the base class declares them Optional)
+    kv: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
     sink_keys: torch.Tensor  # [batch, heads, sinks, head_dim] float32, unrotated
@@ -105,22 +108,30 @@ class SinkLayer(CacheLayerMixin):
         self.parent = parent
         self.layer_idx = layer_idx
         self.pending = False  # begin_step sets it; update clears it: a layer still pending missed a step
-        self.ahead: torch.Tensor | None = None  # the sinks rotated to several consecutive placements
-        self.ahead_start = 0  # the rotation-table row of ahead[0]'s first sink
+        self.group: LayerGroup | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         plan, parent = self.parent.plan, self.parent
         assert plan is not None and parent.rope is not None
         batch, heads, _, head_dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.keys = key_states.new_zeros(batch, heads, plan.capacity, head_dim)
-        self.values = value_states.new_zeros(batch, heads, plan.capacity, value_states.shape[-1])
+        self.key_dim, self.value_dim = head_dim, value_states.shape[-1]
         sinks = parent.num_sink_tokens
-        self.sink_keys = key_states.new_zeros(batch, heads, sinks, head_dim, dtype=torch.float32)
-        self.sink_values = value_states.new_zeros(batch, heads, sinks, value_states.shape[-1])
+        self.point_to(key_states.new_zeros(2, batch, heads, plan.capacity, max(head_dim, self.value_dim)),
+                      key_states.new_zeros(batch, heads, sinks, head_dim, dtype=torch.float32),
+                      value_states.new_zeros(batch, heads, sinks, self.value_dim))
         self.inv_freq = parent.rope.frequencies(self.layer_idx, self.device)
         self.table = parent.rotation_table(self.inv_freq, head_dim)
         self.is_initialized = True
+
+    def point_to(self, kv: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor) -> None:
+        """Use these tensors (the layer's own, or views into its group's) as storage."""
+        self.kv, self.sink_keys, self.sink_values = kv, sink_keys, sink_values
+        self.keys, self.values = kv[0, ..., : self.key_dim], kv[1, ..., : self.value_dim]
+
+    def signature(self) -> tuple:
+        """Layers with equal signatures can share one group."""
+        return tuple(self.kv.shape), self.key_dim, self.value_dim, self.dtype, self.device, id(self.table)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Store the new (already rotated) keys/values and return the keys/values this step attends to.
@@ -129,23 +140,19 @@ class SinkLayer(CacheLayerMixin):
         ``plan.attend``, i.e. the live region (sinks first) or, with static shapes, the whole buffer.
         """
         plan = self.parent.plan
-        if not self.is_initialized:
-            if plan is None:
+        if not self.pending:  # begin_step marks every stored layer: this one is new, or the hook did not run
+            if plan is None or self.is_initialized:
                 raise NotEnabledError(NOT_ENABLED)
             if plan.start != 0:  # a layer first seen after the first step missed the stream's first tokens
                 raise RuntimeError(INTERRUPTED)
             self.lazy_initialization(key_states, value_states)
-        elif not self.pending:
-            raise NotEnabledError(NOT_ENABLED)
         self.pending = False
         assert plan is not None
-        if key_states.shape[0] != self.keys.shape[0] or key_states.shape[-2] != plan.num_new:
+        if key_states.shape[0] != self.kv.shape[1] or key_states.shape[-2] != plan.num_new:
             raise ValueError(
-                f"SinkCache layer {self.layer_idx} expected keys for batch {self.keys.shape[0]} and "
+                f"SinkCache layer {self.layer_idx} expected keys for batch {self.kv.shape[1]} and "
                 f"{plan.num_new} tokens, got {tuple(key_states.shape)}."
             )
-        if plan.some_full:
-            self._write_sinks(plan)
         if plan.new_mask is not None:  # zero padding so that nothing (not even NaN) leaks from masked slots
             keep = plan.new_mask.to(self.device)[:, None, :, None]
             key_states = key_states.masked_fill(~keep, 0)
@@ -156,61 +163,14 @@ class SinkLayer(CacheLayerMixin):
         self.values[:, :, plan.write_at] = value_states
         return self.keys[:, :, plan.attend], self.values[:, :, plan.attend]
 
-    def _write_sinks(self, plan: StepPlan) -> None:
-        """Put every full row's sinks just before its oldest window token, at their in-cache positions."""
-        where = plan.sinks_at
-        if plan.all_full:  # the common case
-            if isinstance(plan.sink_rows, slice):  # a copy from a batch rotated for this and the next steps
-                self.keys[:, :, where] = self._sinks_rotated_from(plan.sink_rows.start)
-            else:
-                self.keys[:, :, where] = self.table.rotate(self.sink_keys, plan.sink_rows).to(self.dtype)
-            self.values[:, :, where] = self.sink_values
-        else:
-            assert plan.full_rows is not None
-            full = plan.full_rows.to(self.device)[:, None, None, None]
-            sink_keys = self.table.rotate(self.sink_keys, plan.sink_rows).to(self.dtype)
-            self.keys[:, :, where] = torch.where(full, sink_keys, self.keys[:, :, where])
-            self.values[:, :, where] = torch.where(full, self.sink_values, self.values[:, :, where])
-
-    def _sinks_rotated_from(self, row: int) -> torch.Tensor:
-        """The sinks rotated to table rows ``row ..``: one batched rotation every ``SINKS_AHEAD`` placements."""
-        if self.ahead is None or not 0 <= row - self.ahead_start < self.ahead.shape[0]:
-            sinks = self.sink_keys.shape[-2]
-            count = min(SINKS_AHEAD, self.table.cos.shape[0] - sinks - row + 1)
-            rows = row + torch.arange(count, device=self.table.cos.device)[:, None] + torch.arange(
-                sinks, device=self.table.cos.device)
-            self.ahead = self.table.rotate(self.sink_keys[None], rows[:, None, None]).to(self.dtype)
-            self.ahead_start = row
-        return self.ahead[row - self.ahead_start]
-
     def _capture_sinks(self, capture: tuple[torch.Tensor, ...], key_states: torch.Tensor,
                        value_states: torch.Tensor) -> None:
         """Keep an unrotated float32 copy of each row's first tokens: every later sink write starts from it."""
         rows, ids, cols, positions = (t.to(self.device) for t in capture)
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
-        self.ahead = None
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
-
-    def relocate(self, plan: StepPlan, old_base: int) -> None:
-        """Compaction (and growth or shrinking): move the live slots to the start of a buffer of plan.capacity."""
-        if plan.base == old_base and plan.capacity == self.keys.shape[-2]:
-            return
-        src = slice(plan.region_start - old_base, plan.start - old_base)
-        live = plan.start - plan.region_start
-        if plan.capacity == self.keys.shape[-2]:
-            self.keys[:, :, :live] = self.keys[:, :, src].clone()
-            self.values[:, :, :live] = self.values[:, :, src].clone()
-            return
-        keys = self.keys.new_zeros(*self.keys.shape[:2], plan.capacity, self.keys.shape[-1])
-        values = self.values.new_zeros(*self.values.shape[:2], plan.capacity, self.values.shape[-1])
-        keys[:, :, :live], values[:, :, :live] = self.keys[:, :, src], self.values[:, :, src]
-        self.keys, self.values = keys, values
-
-    def rebase(self, plan: StepPlan, shift: int) -> None:
-        """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
-        live = slice(plan.region_start - plan.base, plan.start - plan.base)
-        back = torch.tensor(-shift, device=self.device)
-        self.keys[:, :, live] = rotate(self.keys[:, :, live], back, self.inv_freq).to(self.dtype)
+        if self.group is not None:
+            self.group.ahead_start = _STALE
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
@@ -224,28 +184,90 @@ class SinkLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.parent, self.layer_idx)  # type: ignore[misc]  # back to the lazy, empty state
 
-    def _select_rows(self, index: torch.Tensor) -> None:
-        if self.is_initialized:
-            index = index.to(self.device)
-            self.keys, self.values = self.keys[index], self.values[index]
-            self.sink_keys, self.sink_values = self.sink_keys[index], self.sink_values[index]
-            self.ahead = None
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
+        pass  # rows are selected for all layers at once by SinkCache
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
+        pass  # as reorder_cache
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+        pass  # as reorder_cache
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
             "SinkCache cannot be cropped: evicted tokens are gone, so it cannot roll back. Assisted/speculative "
             "decoding and other callers of crop() need a DynamicCache."
         )
+
+
+class LayerGroup:
+    """Layers whose storage has the same shapes, dtype, device and rotary table, kept as one tensor per kind.
+
+    The cache-wide work of a step (moving the sinks, compaction, the position re-base, reordering the batch) is then
+    one operation per group instead of one per layer. Most models have one group; Gemma 3 (two rotary tables) or
+    a model split over devices has several. Shapes add a leading ``[layers]`` dimension to the layers' own.
+    """
+
+    def __init__(self, layers: list[SinkLayer]):
+        self.layers = layers
+        first = layers[0]
+        self.table, self.inv_freq, self.dtype = first.table, first.inv_freq, first.dtype
+        self.key_dim, self.value_dim = first.key_dim, first.value_dim
+        self.ahead_start = _STALE  # the rotation-table row of placements[0]'s first sink
+        self._set(torch.stack([layer.kv for layer in layers]), torch.stack([layer.sink_keys for layer in layers]),
+                  torch.stack([layer.sink_values for layer in layers]))
+
+    def _set(self, kv: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor,
+             ahead: torch.Tensor | None = None) -> None:
+        self.kv, self.sink_keys, self.sink_values = kv, sink_keys, sink_values
+        # the sinks' keys (rotated) and values for SINKS_AHEAD consecutive placements, side by side as in kv
+        self.ahead = kv.new_zeros(SINKS_AHEAD, *kv.shape[:4], sink_keys.shape[-2], kv.shape[-1]) if ahead is None \
+            else ahead
+        self.placements = self.ahead.unbind(0)  # views: a step's copy source costs no operation
+        for g, layer in enumerate(self.layers):
+            layer.group = self
+            layer.point_to(kv[g], sink_keys[g], sink_values[g])
+
+    def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
+        """Put the sinks in buffer slots ``at ..``, rotated to table rows ``row ..``; only ``full_rows`` if given."""
+        where = slice(at, at + self.sink_keys.shape[-2])
+        if full_rows is None:  # the common case: one copy of keys and values rotated ahead
+            if not 0 <= row - self.ahead_start < SINKS_AHEAD:
+                self._place_ahead(row)
+            self.kv[:, :, :, :, where] = self.placements[row - self.ahead_start]
+            return
+        full = full_rows.to(self.kv.device)[None, :, None, None, None]
+        keys = self.table.rotate(self.sink_keys, slice(row, row + where.stop - where.start))
+        stored_keys = self.kv[:, 0, :, :, where, : self.key_dim]
+        stored_values = self.kv[:, 1, :, :, where, : self.value_dim]
+        stored_keys.copy_(torch.where(full, keys.to(self.dtype), stored_keys))
+        stored_values.copy_(torch.where(full, self.sink_values, stored_values))
+
+    def _place_ahead(self, row: int) -> None:
+        """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
+        self.ahead[:, :, 0, ..., : self.key_dim] = self.table.rotate_runs(self.sink_keys, row, SINKS_AHEAD)
+        self.ahead[:, :, 1, ..., : self.value_dim] = self.sink_values
+        self.ahead_start = row
+
+    def relocate(self, src: slice, capacity: int) -> None:
+        """Compaction (and growth or shrinking): move the slots ``src`` to the start of a buffer of ``capacity``."""
+        live = src.stop - src.start
+        if capacity == self.kv.shape[-2]:
+            self.kv[..., :live, :] = self.kv[..., src, :].clone()
+            return
+        kv = self.kv.new_zeros(*self.kv.shape[:-2], capacity, self.kv.shape[-1])
+        kv[..., :live, :] = self.kv[..., src, :]
+        self._set(kv, self.sink_keys, self.sink_values, self.ahead)
+
+    def rebase(self, live: slice, shift: int) -> None:
+        """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
+        keys = self.kv[:, 0, :, :, live, : self.key_dim]
+        keys.copy_(rotate(keys, torch.tensor(-shift, device=keys.device), self.inv_freq))
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        index = index.to(self.kv.device)
+        self._set(self.kv[:, :, index], self.sink_keys[:, index], self.sink_values[:, index],
+                  self.ahead[:, :, :, index])
 
 
 NOT_ENABLED = (
@@ -301,43 +323,49 @@ class SinkCache(Cache):
         self.plan: StepPlan | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
-        self._all_real = True
+        self._range: torch.Tensor | None = None  # [1, length] arange on the model's device; see _arange
+        self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
 
     def __repr__(self) -> str:
         return (f"SinkCache(window_length={self.window_length}, num_sink_tokens={self.num_sink_tokens}, "
                 f"static_shapes={self.static_shapes}, seen={self.seen}, layers={len(self.layers)})")
 
     # ---- the policy: one step ------------------------------------------------------------------------------
-    def begin_step(self, new_mask: torch.Tensor, rope: RopeSpec, device: torch.device | str = "cpu"
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def begin_step(self, batch: int, num_new: int, new_mask: torch.Tensor | None, rope: RopeSpec,
+                   device: torch.device = _CPU) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Plan the next forward call, compact or re-base the stored layers, and return the model's inputs.
 
         Args:
-            new_mask: ``[batch, num_new]`` bool, which new columns are real tokens (False = padding).
+            batch: rows of the call's input ids.
+            num_new: columns (tokens) of the call's input ids.
+            new_mask: ``[batch, num_new]`` bool, which new columns are real tokens (False = padding), or ``None`` when
+                all are.
             rope: the model's rotary spec; a cache serves one model only.
-            device: where the model's inputs live; the plan's index tensors (static shapes) are made there.
+            device: where the model's inputs live.
 
         Returns:
-            ``position_ids`` ``[batch, num_new]`` (CPU, long) and a 2D validity mask over the buffer from index 0 to
-            the last attended one (CPU, bool), or ``None`` when every attended slot is valid.
+            ``position_ids`` ``[batch, num_new]`` (long, on ``device``) and a 2D validity mask over the buffer from
+            index 0 to the last attended one (CPU, bool), or ``None`` when every attended slot is valid.
         """
-        if self.rope is not None and self.rope.model_id != rope.model_id:
-            raise ValueError("This SinkCache was used with another model; create one SinkCache per model.")
-        if any(layer.pending for layer in self.layers):
-            raise RuntimeError(INTERRUPTED)
-        self.rope = rope
-        new_mask = new_mask.to("cpu", torch.bool)
-        batch, n = new_mask.shape
-        if n == 0:
+        if rope is not self.rope:
+            if self.rope is not None and self.rope.model_id != rope.model_id:
+                raise ValueError("This SinkCache was used with another model; create one SinkCache per model.")
+            self.rope = rope
+        for layer in self.layers:
+            if layer.pending:
+                raise RuntimeError(INTERRUPTED)
+        n = num_new
+        if n < 1:
             raise ValueError("SinkCache: a forward call must contain at least one token.")
-        self._track_rows(new_mask)
+        new_mask = self._track_rows(batch, n, new_mask)
         assert self.first_real is not None
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
         region_start = max(0, t - window)  # the sinks of full rows go here; the window is [region_start+sinks, t)
 
         # Compaction when the new tokens do not fit; growth for a chunk larger than the slack, shrink after it.
-        old_base, capacity = self.base, self.layers[0].keys.shape[-2] if self.layers else window + self.slack
-        base, default = old_base, window + self.slack
+        groups, default = self._group_layers(), window + self.slack
+        old_base, old_capacity = self.base, groups[0].kv.shape[-2] if groups else default
+        base, capacity = old_base, old_capacity
         if t + n - base > capacity or (capacity > default and t + n - region_start <= default):
             base, capacity = region_start, max(default, t + n - region_start)
         # Re-base positions when the next query would pass the limit (float32 precision, length-dependent RoPE).
@@ -355,9 +383,6 @@ class SinkCache(Cache):
         if t + n - self.offset > limit:
             shift, self.offset = region_start - self.offset, region_start
 
-        # Rows are "full" once their stream outgrew the window: their sinks move to region_start every step.
-        some_full, all_full = sinks > 0 and self._first_min < region_start, self._first_max < region_start
-        full_rows = self.first_real < region_start if some_full and not all_full else None
         capture: tuple[torch.Tensor, ...] | None = None
         if t < self._first_max + sinks:  # some row's first tokens arrive now: keep them as its sinks
             sink_slot = self.first_real[:, None] + torch.arange(sinks)[None, :]
@@ -366,33 +391,34 @@ class SinkCache(Cache):
                 slots = sink_slot[rows, ids]
                 capture = (rows, ids, slots - t, slots - self.offset)
         lo, now = region_start - base, t - base
-        sink_position = region_start - self.offset  # in the rotation table: <= window_length (see rotation_table)
         write_at: slice | torch.Tensor
-        sinks_at: slice | torch.Tensor
-        sink_rows: slice | torch.Tensor
         query_offset: int | torch.Tensor
         if self.static_shapes:
-            write_at = torch.arange(now, now + n, device=device)
-            sinks_at = torch.arange(lo, lo + sinks, device=device)
-            sink_rows = torch.arange(sink_position, sink_position + sinks, device=device)
-            attend, query_offset = slice(None), torch.tensor(now + 1, device=device)  # + 1: see mask_sizes
+            write_at, attend = torch.arange(now, now + n, device=device), slice(None)
+            query_offset = torch.tensor(now + 1, device=device)  # + 1: see mask_sizes
         else:
-            write_at, sinks_at = slice(now, now + n), slice(lo, lo + sinks)
-            sink_rows, attend, query_offset = slice(sink_position, sink_position + sinks), slice(lo, now + n), now
+            write_at, attend, query_offset = slice(now, now + n), slice(lo, now + n), now
         self.plan = StepPlan(
-            start=t, num_new=n, region_start=region_start, base=base, capacity=capacity,
-            write_at=write_at, sinks_at=sinks_at, sink_rows=sink_rows, attend=attend,
-            some_full=some_full, all_full=all_full, full_rows=full_rows,
-            new_mask=None if self._all_real else new_mask, capture=capture, query_offset=query_offset,
+            start=t, num_new=n, region_start=region_start, base=base, capacity=capacity, write_at=write_at,
+            attend=attend, new_mask=new_mask, capture=capture, query_offset=query_offset,
         )
-        for layer in self.layers:
-            layer.relocate(self.plan, old_base)
+
+        # Rows are "full" once their stream outgrew the window: their sinks move to region_start every step, at
+        # positions region_start - offset + j (<= window_length + j: see rotation_table).
+        some_full = sinks > 0 and self._first_min < region_start
+        full_rows = self.first_real < region_start if some_full and self._first_max >= region_start else None
+        for group in groups:
+            if base != old_base or capacity != old_capacity:
+                group.relocate(slice(region_start - old_base, t - old_base), capacity)
             if shift:
-                layer.rebase(self.plan, shift)
+                group.rebase(slice(lo, now), shift)
+            if some_full:
+                group.write_sinks(lo, region_start - self.offset, full_rows)
+        for layer in self.layers:
             layer.pending = True
         self.base, self.seen = base, t + n
 
-        position_ids = torch.arange(t - self.offset, t + n - self.offset).view(1, n)
+        position_ids = self._arange(t - self.offset, t + n - self.offset, device)
         if batch > 1:
             position_ids = position_ids.expand(batch, n).clone()
         if self.static_shapes:  # the whole buffer is attended: hide what lies outside the live region
@@ -402,28 +428,54 @@ class SinkCache(Cache):
             return position_ids, None
         return position_ids, torch.arange(base, t + n)[None, :] >= self.first_real[:, None]
 
-    def _track_rows(self, new_mask: torch.Tensor) -> None:
-        """Record where each row's real tokens start (left padding); refuse padding after a real token."""
-        batch, n = new_mask.shape
+    def _group_layers(self) -> list[LayerGroup]:
+        """The layer groups; formed once, after the first step has given every layer its storage."""
+        if self.layers and not self.groups:
+            by_signature: dict[tuple, list[SinkLayer]] = {}
+            for layer in self.layers:
+                if layer.is_initialized:
+                    by_signature.setdefault(layer.signature(), []).append(layer)
+            self.groups = [LayerGroup(layers) for layers in by_signature.values()]
+        return self.groups
+
+    def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """``torch.arange(start, stop)[None]`` on ``device``, as a view of a table kept by the cache: one cheap op per
+        step instead of building (and on a GPU, copying) a tensor. Positions stay below ``2 * window_length`` plus
+        the call's tokens (see the re-base), so the table rarely grows."""
+        table = self._range
+        if table is None or stop > table.shape[1] or table.device != device:
+            table = self._range = torch.arange(max(stop, 2 * self.window_length + 2), device=device)[None]
+        return table[:, start:stop]
+
+    def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Record where each row's real tokens start (left padding); refuse padding after a real token.
+
+        Returns the new columns' validity on the CPU, or ``None`` when all of them are real tokens.
+        """
         if self.first_real is not None and self.first_real.shape[0] != batch:
             raise ValueError(
                 f"This SinkCache holds a stream of batch size {self.first_real.shape[0]}, but got batch size {batch}. "
                 "Call cache.reset() or create a new SinkCache for a new batch."
             )
-        self._all_real = bool(new_mask.all())
-        if self.first_real is not None and self._all_real and self._first_max < _NO_TOKEN:
-            return  # steady state: every row started, no padding
+        if new_mask is not None:
+            new_mask = new_mask.to("cpu", torch.bool)
+            if bool(new_mask.all()):
+                new_mask = None
+        if new_mask is None and self._first_max < _NO_TOKEN:
+            return None  # steady state: every row started, no padding
         t = self.seen
+        valid = torch.ones(batch, n, dtype=torch.bool) if new_mask is None else new_mask
         first_real = self.first_real if self.first_real is not None else torch.full((batch,), _NO_TOKEN)
-        first_new = torch.where(new_mask.any(1), new_mask.long().argmax(1), n)  # argmax: first True
+        first_new = torch.where(valid.any(1), valid.long().argmax(1), n)  # argmax: first True
         first_real = torch.where(first_real < _NO_TOKEN, first_real,
                                  torch.where(first_new < n, t + first_new, _NO_TOKEN))
-        if bool(((torch.arange(t, t + n)[None, :] >= first_real[:, None]) & ~new_mask).any()):
+        if bool(((torch.arange(t, t + n)[None, :] >= first_real[:, None]) & ~valid).any()):
             raise ValueError(
                 "SinkCache supports left padding only: a row has padding after its first real token. Pad each "
                 "sequence on the left of its first call, or stream the rows separately."
             )
         self._set_first_real(first_real)
+        return new_mask
 
     def _set_first_real(self, first_real: torch.Tensor) -> None:
         """Store each row's first real slot, with its extremes as ints for the per-step fast path."""
@@ -434,11 +486,13 @@ class SinkCache(Cache):
         """The table of sink rotations for one frequency set, built on first use.
 
         Sinks sit at positions ``region_start - offset + j``; the re-base keeps ``region_start - offset`` at most
-        ``window_length``, so ``window_length + num_sink_tokens`` rows cover every step.
+        ``window_length``, so ``window_length + num_sink_tokens`` rows cover every step, and ``SINKS_AHEAD - 1``
+        more every batch of placements rotated ahead.
         """
         key = (id(inv_freq), inv_freq.device, head_dim)
         if key not in self._tables:
-            self._tables[key] = RotationTable(inv_freq, head_dim, self.window_length + self.num_sink_tokens)
+            size = self.window_length + self.num_sink_tokens + SINKS_AHEAD - 1
+            self._tables[key] = RotationTable(inv_freq, head_dim, size)
         return self._tables[key]
 
     def mask_sizes(self) -> tuple[int, int]:
@@ -486,19 +540,18 @@ class SinkCache(Cache):
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.first_real is not None:
             self._set_first_real(self.first_real[index.cpu()])
+        for group in self._group_layers():
+            group.select_rows(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
-        super().reorder_cache(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows(indices)
-        super().batch_select_indices(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.first_real is not None:
-            self._set_first_real(self.first_real.repeat_interleave(repeats))
-        super().batch_repeat_interleave(repeats)
+            self._select_rows(torch.arange(self.first_real.shape[0]).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         SinkLayer.crop(self, tokens_to_remove)  # type: ignore[arg-type]  # the same refusal

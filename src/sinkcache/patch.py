@@ -90,14 +90,18 @@ def enable_streaming(
     names = list(inspect.signature(decoder.forward).parameters)
 
     def position_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None and args:
-            bound = dict(zip(names, args))
-            cache = bound.get("cache", bound.get("past_key_values"))
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+            if cache is None and args:
+                bound = dict(zip(names, args))
+                cache = bound.get("cache", bound.get("past_key_values"))
         if not isinstance(cache, SinkCache):
             return None
-        kwargs = {**dict(zip(names, args)), **kwargs}
-        return (), _positions_for_step(cache, kwargs, rope)
+        if args:
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        plan = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
+        return (), plan(cache, kwargs, rope)
 
     own = model.__dict__.get("generate")
     _ENABLED[model] = _Streaming(
@@ -126,7 +130,6 @@ def is_streaming(model: nn.Module) -> bool:
     return model in _ENABLED
 
 
-@torch.compiler.disable  # host-side planning: a compiled forward runs it eagerly and only ever sees its tensors
 def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
     """Plan the cache's next step and put its positions and slot mask into the forward's kwargs."""
     inputs = kwargs.get("input_ids")
@@ -136,19 +139,20 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
         raise ValueError("A forward call with a SinkCache needs input_ids or inputs_embeds.")
     batch, n = inputs.shape[:2]
     mask = kwargs.get("attention_mask")
-    if mask is None:
-        new_mask = torch.ones(batch, n, dtype=torch.bool)
-    elif not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[-1] < n:
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[-1] < n):
         raise ValueError(
             "SinkCache needs a 2D attention_mask of shape [batch, tokens so far] (or none): a prepared 4D or "
             "per-layer mask cannot follow the cache's evictions. Pass the usual padding mask."
         )
-    else:
-        new_mask = mask[:, -n:]
-    position_ids, slot_mask = cache.begin_step(new_mask, rope, inputs.device)
-    kwargs["position_ids"] = position_ids.to(inputs.device)
+    position_ids, slot_mask = cache.begin_step(batch, n, None if mask is None else mask[:, -n:], rope, inputs.device)
+    kwargs["position_ids"] = position_ids
     kwargs["attention_mask"] = None if slot_mask is None else slot_mask.to(inputs.device)
     return kwargs
+
+
+# Host-side planning: a compiled forward runs it eagerly and only ever sees its tensors. Eager calls skip the
+# wrapper, which costs a few microseconds per step.
+_positions_for_step_outside_graph = torch.compiler.disable(_positions_for_step)
 
 
 def _streaming_generate(model: PreTrainedModel) -> Callable[..., Any]:

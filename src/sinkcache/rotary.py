@@ -70,11 +70,25 @@ class RotationTable:
         self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
         self.partner = torch.cat((torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)))
         self.partner = self.partner.to(inv_freq.device)
+        self._runs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # see rotate_runs
 
-    def rotate(self, keys: torch.Tensor, rows: slice | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def rotate(self, keys: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
         """Rotate float32 ``keys [..., n, head_dim]`` to the ``n`` positions ``rows`` (a slice or an index tensor of
-        table rows), into ``out`` if given."""
-        return torch.add(keys * self.cos[rows], keys[..., self.partner] * self.sin[rows], out=out)
+        table rows)."""
+        return keys * self.cos[rows] + keys[..., self.partner] * self.sin[rows]
+
+    def rotate_runs(self, keys: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """Float32 ``keys [..., n, head_dim]`` placed ``count`` times: run ``i`` rotates them to the consecutive
+        positions (table rows) ``first + i .. first + i + n - 1``. Returns ``[count, *keys.shape]``.
+
+        The runs' cos/sin are overlapping windows of the table (views, no copy), so this is three small kernels.
+        """
+        key = keys.shape[-2], keys.ndim
+        if key not in self._runs:
+            self._runs[key] = tuple(t.unfold(0, key[0], 1).transpose(1, 2)[(slice(None),) + (None,) * (keys.ndim - 2)]
+                                    for t in (self.cos, self.sin))
+        cos, sin = self._runs[key]
+        return torch.addcmul(keys * cos[first : first + count], keys[..., self.partner], sin[first : first + count])
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,7 @@ class SinkLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.pending = False  # begin_step sets it; update clears it: a layer still pending missed a step
         self.group: LayerGroup | None = None
+        self.attending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's views, from the group
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         plan, parent = self.parent.plan, self.parent
@@ -161,7 +162,9 @@ class SinkLayer(CacheLayerMixin):
             self._capture_sinks(plan.capture, key_states, value_states)
         self.keys[:, :, plan.write_at] = key_states
         self.values[:, :, plan.write_at] = value_states
-        return self.keys[:, :, plan.attend], self.values[:, :, plan.attend]
+        if self.attending is None:  # the first step, before the layers are grouped
+            return self.keys[:, :, plan.attend], self.values[:, :, plan.attend]
+        return self.attending
 
     def _capture_sinks(self, capture: tuple[torch.Tensor, ...], key_states: torch.Tensor,
                        value_states: torch.Tensor) -> None:
@@ -203,9 +206,11 @@ class SinkLayer(CacheLayerMixin):
 class LayerGroup:
     """Layers whose storage has the same shapes, dtype, device and rotary table, kept as one tensor per kind.
 
-    The cache-wide work of a step (moving the sinks, compaction, the position re-base, reordering the batch) is then
-    one operation per group instead of one per layer. Most models have one group; Gemma 3 (two rotary tables) or
-    a model split over devices has several. Shapes add a leading ``[layers]`` dimension to the layers' own.
+    The cache-wide work of a step (the views each layer attends to, moving the sinks, compaction, the position
+    re-base, reordering the batch) is then one operation per group instead of one per layer. Most models have one
+    group; Gemma 3 (two rotary tables) or a model split over devices has several.
+
+    ``kv`` is ``[2 * layers, batch, heads, slots, width]``: layer ``g``'s keys at ``2 * g``, values at ``2 * g + 1``.
     """
 
     def __init__(self, layers: list[SinkLayer]):
@@ -213,20 +218,29 @@ class LayerGroup:
         first = layers[0]
         self.table, self.inv_freq, self.dtype = first.table, first.inv_freq, first.dtype
         self.key_dim, self.value_dim = first.key_dim, first.value_dim
+        self.narrow = self.key_dim != self.value_dim  # then one of the two is narrower than the buffer's width
         self.ahead_start = _STALE  # the rotation-table row of placements[0]'s first sink
-        self._set(torch.stack([layer.kv for layer in layers]), torch.stack([layer.sink_keys for layer in layers]),
+        self._set(torch.cat([layer.kv for layer in layers]), torch.stack([layer.sink_keys for layer in layers]),
                   torch.stack([layer.sink_values for layer in layers]))
 
     def _set(self, kv: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor,
              ahead: torch.Tensor | None = None) -> None:
         self.kv, self.sink_keys, self.sink_values = kv, sink_keys, sink_values
-        # the sinks' keys (rotated) and values for SINKS_AHEAD consecutive placements, side by side as in kv
-        self.ahead = kv.new_zeros(SINKS_AHEAD, *kv.shape[:4], sink_keys.shape[-2], kv.shape[-1]) if ahead is None \
+        # the sinks' keys (rotated) and values for SINKS_AHEAD consecutive placements, laid out as kv
+        self.ahead = kv.new_zeros(SINKS_AHEAD, *kv.shape[:3], sink_keys.shape[-2], kv.shape[-1]) if ahead is None \
             else ahead
         self.placements = self.ahead.unbind(0)  # views: a step's copy source costs no operation
         for g, layer in enumerate(self.layers):
             layer.group = self
-            layer.point_to(kv[g], sink_keys[g], sink_values[g])
+            layer.point_to(kv[2 * g : 2 * g + 2], sink_keys[g], sink_values[g])
+
+    def attend(self, at: slice) -> None:
+        """Give every layer its views of the buffer slots ``at`` for this step (two operations in all)."""
+        views = self.kv[:, :, :, at].unbind(0)
+        for g, layer in enumerate(self.layers):
+            keys, values = views[2 * g], views[2 * g + 1]
+            layer.attending = (keys[..., : self.key_dim], values[..., : self.value_dim]) if self.narrow \
+                else (keys, values)
 
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
         """Put the sinks in buffer slots ``at ..``, rotated to table rows ``row ..``; only ``full_rows`` if given."""
@@ -234,19 +248,19 @@ class LayerGroup:
         if full_rows is None:  # the common case: one copy of keys and values rotated ahead
             if not 0 <= row - self.ahead_start < SINKS_AHEAD:
                 self._place_ahead(row)
-            self.kv[:, :, :, :, where] = self.placements[row - self.ahead_start]
+            self.kv[:, :, :, where] = self.placements[row - self.ahead_start]
             return
         full = full_rows.to(self.kv.device)[None, :, None, None, None]
         keys = self.table.rotate(self.sink_keys, slice(row, row + where.stop - where.start))
-        stored_keys = self.kv[:, 0, :, :, where, : self.key_dim]
-        stored_values = self.kv[:, 1, :, :, where, : self.value_dim]
+        stored_keys = self.kv[0::2, :, :, where, : self.key_dim]
+        stored_values = self.kv[1::2, :, :, where, : self.value_dim]
         stored_keys.copy_(torch.where(full, keys.to(self.dtype), stored_keys))
         stored_values.copy_(torch.where(full, self.sink_values, stored_values))
 
     def _place_ahead(self, row: int) -> None:
         """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
-        self.ahead[:, :, 0, ..., : self.key_dim] = self.table.rotate_runs(self.sink_keys, row, SINKS_AHEAD)
-        self.ahead[:, :, 1, ..., : self.value_dim] = self.sink_values
+        self.ahead[:, 0::2, ..., : self.key_dim] = self.table.rotate_runs(self.sink_keys, row, SINKS_AHEAD)
+        self.ahead[:, 1::2, ..., : self.value_dim] = self.sink_values
         self.ahead_start = row
 
     def relocate(self, src: slice, capacity: int) -> None:
@@ -261,13 +275,12 @@ class LayerGroup:
 
     def rebase(self, live: slice, shift: int) -> None:
         """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
-        keys = self.kv[:, 0, :, :, live, : self.key_dim]
+        keys = self.kv[0::2, :, :, live, : self.key_dim]
         keys.copy_(rotate(keys, torch.tensor(-shift, device=keys.device), self.inv_freq))
 
     def select_rows(self, index: torch.Tensor) -> None:
         index = index.to(self.kv.device)
-        self._set(self.kv[:, :, index], self.sink_keys[:, index], self.sink_values[:, index],
-                  self.ahead[:, :, :, index])
+        self._set(self.kv[:, index], self.sink_keys[:, index], self.sink_values[:, index], self.ahead[:, :, index])
 
 
 NOT_ENABLED = (
@@ -414,6 +427,7 @@ class SinkCache(Cache):
                 group.rebase(slice(lo, now), shift)
             if some_full:
                 group.write_sinks(lo, region_start - self.offset, full_rows)
+            group.attend(attend)
         for layer in self.layers:
             layer.pending = True
         self.base, self.seen = base, t + n

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .rotary import RopeSpec, RotationTable, rotate
@@ -160,6 +161,14 @@ class SinkLayer(CacheLayerMixin):
             value_states = value_states.masked_fill(~keep, 0)
         if plan.capture is not None:
             self._capture_sinks(plan.capture, key_states, value_states)
+        if self.parent.static_shapes:  # one index_copy_ into the layer's own tensor: what a compiled step handles best
+            if self.key_dim != self.value_dim:  # the narrower one is padded to the storage's width
+                width = self.kv.shape[-1]
+                key_states = F.pad(key_states, (0, width - self.key_dim))
+                value_states = F.pad(value_states, (0, width - self.value_dim))
+            assert isinstance(plan.write_at, torch.Tensor)
+            self.kv.index_copy_(3, plan.write_at, torch.stack((key_states, value_states)))
+            return self.kv[0, ..., : self.key_dim], self.kv[1, ..., : self.value_dim]
         self.keys[:, :, plan.write_at] = key_states
         self.values[:, :, plan.write_at] = value_states
         if self.attending is None:  # the first step, before the layers are grouped
@@ -204,39 +213,48 @@ class SinkLayer(CacheLayerMixin):
 
 
 class LayerGroup:
-    """Layers whose storage has the same shapes, dtype, device and rotary table, kept as one tensor per kind.
+    """Layers whose storage has the same shapes, dtype, device and rotary table, handled together.
 
-    The cache-wide work of a step (the views each layer attends to, moving the sinks, compaction, the position
-    re-base, reordering the batch) is then one operation per group instead of one per layer. Most models have one
-    group; Gemma 3 (two rotary tables) or a model split over devices has several.
+    The cache-wide work of a step (moving the sinks, compaction, the position re-base, reordering the batch, and with
+    the default addressing the views each layer attends to) is then one operation per group instead of one per
+    layer. Most models have one group; Gemma 3 (two rotary tables) or a model split over devices has several.
 
-    ``kv`` is ``[2 * layers, batch, heads, slots, width]``: layer ``g``'s keys at ``2 * g``, values at ``2 * g + 1``.
+    Storage is a list of ``units``, tensors ``[2 * layers, batch, heads, slots, width]`` holding consecutive layers:
+    a layer's keys, then its values. With the default addressing one unit holds the whole group, and the layers' own
+    tensors are views into it. With static shapes every layer keeps its own unit: a compiled step that wrote into
+    views of one shared tensor would copy all of it (AOTAutograd's handling of aliased inputs it mutates).
     """
 
-    def __init__(self, layers: list[SinkLayer]):
+    def __init__(self, layers: list[SinkLayer], shared: bool):
         self.layers = layers
         first = layers[0]
         self.table, self.inv_freq, self.dtype = first.table, first.inv_freq, first.dtype
         self.key_dim, self.value_dim = first.key_dim, first.value_dim
-        self.narrow = self.key_dim != self.value_dim  # then one of the two is narrower than the buffer's width
-        self.ahead_start = _STALE  # the rotation-table row of placements[0]'s first sink
-        self._set(torch.cat([layer.kv for layer in layers]), torch.stack([layer.sink_keys for layer in layers]),
+        self.narrow = self.key_dim != self.value_dim  # then one of the two is narrower than the storage's width
+        self.rows = [slice(0, 2 * len(layers))] if shared else [slice(2 * g, 2 * g + 2) for g in range(len(layers))]
+        self.ahead_start = _STALE  # the rotation-table row of ahead[0]'s first sink
+        kvs = [layer.kv for layer in layers]
+        self._set([torch.cat(kvs)] if shared else kvs, torch.stack([layer.sink_keys for layer in layers]),
                   torch.stack([layer.sink_values for layer in layers]))
 
-    def _set(self, kv: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor,
+    def _set(self, units: list[torch.Tensor], sink_keys: torch.Tensor, sink_values: torch.Tensor,
              ahead: torch.Tensor | None = None) -> None:
-        self.kv, self.sink_keys, self.sink_values = kv, sink_keys, sink_values
-        # the sinks' keys (rotated) and values for SINKS_AHEAD consecutive placements, laid out as kv
-        self.ahead = kv.new_zeros(SINKS_AHEAD, *kv.shape[:3], sink_keys.shape[-2], kv.shape[-1]) if ahead is None \
-            else ahead
-        self.placements = self.ahead.unbind(0)  # views: a step's copy source costs no operation
+        self.units, self.sink_keys, self.sink_values = units, sink_keys, sink_values
+        # the sinks' keys (rotated) and values for SINKS_AHEAD consecutive placements, rows laid out as in the units
+        first = units[0]
+        if ahead is None:
+            ahead = first.new_zeros(SINKS_AHEAD, 2 * len(self.layers), *first.shape[1:3], sink_keys.shape[-2],
+                                    first.shape[-1])
+        self.ahead = ahead
+        self.sources = [[placement[rows] for rows in self.rows] for placement in ahead.unbind(0)]  # views, made once
         for g, layer in enumerate(self.layers):
             layer.group = self
-            layer.point_to(kv[2 * g : 2 * g + 2], sink_keys[g], sink_values[g])
+            kv = units[0][2 * g : 2 * g + 2] if len(units) == 1 else units[g]
+            layer.point_to(kv, sink_keys[g], sink_values[g])
 
     def attend(self, at: slice) -> None:
-        """Give every layer its views of the buffer slots ``at`` for this step (two operations in all)."""
-        views = self.kv[:, :, :, at].unbind(0)
+        """Give every layer its views of the buffer slots ``at`` for this step (shared storage: two operations)."""
+        views = self.units[0][:, :, :, at].unbind(0)
         for g, layer in enumerate(self.layers):
             keys, values = views[2 * g], views[2 * g + 1]
             layer.attending = (keys[..., : self.key_dim], values[..., : self.value_dim]) if self.narrow \
@@ -245,17 +263,19 @@ class LayerGroup:
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
         """Put the sinks in buffer slots ``at ..``, rotated to table rows ``row ..``; only ``full_rows`` if given."""
         where = slice(at, at + self.sink_keys.shape[-2])
-        if full_rows is None:  # the common case: one copy of keys and values rotated ahead
+        if full_rows is None:  # the common case: copy keys and values rotated ahead
             if not 0 <= row - self.ahead_start < SINKS_AHEAD:
                 self._place_ahead(row)
-            self.kv[:, :, :, where] = self.placements[row - self.ahead_start]
+            for unit, source in zip(self.units, self.sources[row - self.ahead_start]):
+                unit[:, :, :, where] = source
             return
-        full = full_rows.to(self.kv.device)[None, :, None, None, None]
-        keys = self.table.rotate(self.sink_keys, slice(row, row + where.stop - where.start))
-        stored_keys = self.kv[0::2, :, :, where, : self.key_dim]
-        stored_values = self.kv[1::2, :, :, where, : self.value_dim]
-        stored_keys.copy_(torch.where(full, keys.to(self.dtype), stored_keys))
-        stored_values.copy_(torch.where(full, self.sink_values, stored_values))
+        sinks = self.ahead[0].clone()
+        sinks[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, slice(row, where.stop - at + row))
+        sinks[1::2, ..., : self.value_dim] = self.sink_values
+        full = full_rows.to(sinks.device)[None, :, None, None, None]
+        for unit, rows in zip(self.units, self.rows):
+            stored = unit[:, :, :, where]
+            stored.copy_(torch.where(full, sinks[rows], stored))
 
     def _place_ahead(self, row: int) -> None:
         """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
@@ -266,21 +286,26 @@ class LayerGroup:
     def relocate(self, src: slice, capacity: int) -> None:
         """Compaction (and growth or shrinking): move the slots ``src`` to the start of a buffer of ``capacity``."""
         live = src.stop - src.start
-        if capacity == self.kv.shape[-2]:
-            self.kv[..., :live, :] = self.kv[..., src, :].clone()
+        if capacity == self.units[0].shape[-2]:
+            for unit in self.units:
+                unit[..., :live, :] = unit[..., src, :].clone()
             return
-        kv = self.kv.new_zeros(*self.kv.shape[:-2], capacity, self.kv.shape[-1])
-        kv[..., :live, :] = self.kv[..., src, :]
-        self._set(kv, self.sink_keys, self.sink_values, self.ahead)
+        units = []
+        for unit in self.units:
+            units.append(unit.new_zeros(*unit.shape[:-2], capacity, unit.shape[-1]))
+            units[-1][..., :live, :] = unit[..., src, :]
+        self._set(units, self.sink_keys, self.sink_values, self.ahead)
 
     def rebase(self, live: slice, shift: int) -> None:
         """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
-        keys = self.kv[0::2, :, :, live, : self.key_dim]
-        keys.copy_(rotate(keys, torch.tensor(-shift, device=keys.device), self.inv_freq))
+        for unit in self.units:
+            keys = unit[0::2, :, :, live, : self.key_dim]
+            keys.copy_(rotate(keys, torch.tensor(-shift, device=keys.device), self.inv_freq))
 
     def select_rows(self, index: torch.Tensor) -> None:
-        index = index.to(self.kv.device)
-        self._set(self.kv[:, index], self.sink_keys[:, index], self.sink_values[:, index], self.ahead[:, :, index])
+        index = index.to(self.units[0].device)
+        self._set([unit[:, index] for unit in self.units], self.sink_keys[:, index], self.sink_values[:, index],
+                  self.ahead[:, :, index])
 
 
 NOT_ENABLED = (
@@ -377,7 +402,7 @@ class SinkCache(Cache):
 
         # Compaction when the new tokens do not fit; growth for a chunk larger than the slack, shrink after it.
         groups, default = self._group_layers(), window + self.slack
-        old_base, old_capacity = self.base, groups[0].kv.shape[-2] if groups else default
+        old_base, old_capacity = self.base, groups[0].units[0].shape[-2] if groups else default
         base, capacity = old_base, old_capacity
         if t + n - base > capacity or (capacity > default and t + n - region_start <= default):
             base, capacity = region_start, max(default, t + n - region_start)
@@ -427,7 +452,8 @@ class SinkCache(Cache):
                 group.rebase(slice(lo, now), shift)
             if some_full:
                 group.write_sinks(lo, region_start - self.offset, full_rows)
-            group.attend(attend)
+            if not self.static_shapes:  # with static shapes a layer attends to its whole unit
+                group.attend(attend)
         for layer in self.layers:
             layer.pending = True
         self.base, self.seen = base, t + n
@@ -449,7 +475,7 @@ class SinkCache(Cache):
             for layer in self.layers:
                 if layer.is_initialized:
                     by_signature.setdefault(layer.signature(), []).append(layer)
-            self.groups = [LayerGroup(layers) for layers in by_signature.values()]
+            self.groups = [LayerGroup(layers, shared=not self.static_shapes) for layers in by_signature.values()]
         return self.groups
 
     def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:

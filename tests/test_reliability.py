@@ -319,6 +319,43 @@ def test_rerotating_every_step_in_low_precision_drifts(dtype):
     assert rounding_error(keys, fresh_keys(unrotated, torch.arange(sinks)), dtype) > 20.0  # 10x the bound
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
+def test_layers_of_other_shapes_and_value_widths(static):
+    """Two layers driven as a model would, with value widths (16 and 48) other than the key width (32), so that they
+    form two storage groups, each narrower than its buffer on one side. Through chunks that compact, grow the
+    buffer and re-base positions, every one-token call must attend to exactly the contract's tokens: keys rotated
+    to consecutive positions ending at the query's, values unchanged."""
+    window, sinks, total = 24, 4, 1000
+    cache = SinkCache(window, sinks, static_shapes=static)
+    rope = RopeSpec((INV_FREQ.float(),) * 2, max_position=None, model_id=0)
+    generator = torch.Generator().manual_seed(0)
+    unrotated = torch.randn(total, HEADS, HEAD_DIM, generator=generator)
+    values = [torch.randn(total, HEADS, width, generator=generator) for width in (16, 48)]
+    fed, checked = 0, 0
+    for n in itertools.cycle((1, 1, 5, 1, 16, 1, 3, 1, 1, 30)):
+        n = min(n, total - fed)
+        if n == 0:
+            break
+        position_ids, slot_mask = cache.begin_step(1, n, None, rope)
+        keys = fresh_keys(unrotated[fed : fed + n].transpose(0, 1), position_ids[0]).float()[None]
+        for layer, layer_values in enumerate(values):
+            stored_keys, stored_values = cache.update(keys, layer_values[fed : fed + n].transpose(0, 1)[None], layer)
+            if n > 1:
+                continue
+            if static:  # the whole buffer comes back; the slot mask (after its leading column) says what is live
+                live = slot_mask[0, 1:].nonzero()[:, 0]
+                stored_keys, stored_values = stored_keys[..., live, :], stored_values[..., live, :]
+            seen = visible_at(fed, window, sinks) if fed >= window else list(range(fed + 1))
+            query = int(position_ids[0, -1])
+            exact = fresh_keys(unrotated[seen].transpose(0, 1), torch.arange(query - len(seen) + 1, query + 1))
+            assert stored_keys.shape == (1, HEADS, len(seen), HEAD_DIM)
+            assert (stored_keys[0].double() - exact).abs().max() < 1e-5, f"keys, token {fed}, layer {layer}"
+            assert torch.equal(stored_values[0], layer_values[seen].transpose(0, 1)), f"values, token {fed}"
+            checked += 1
+        fed += n
+    assert len(cache.groups) == 2 and checked > 150
+
+
 # ---- bad input: clear errors that name the fix ---------------------------------------------------------------
 @pytest.mark.parametrize(("window", "sinks", "error", "fix"), [
     (4, 4, ValueError, "Increase window_length"),

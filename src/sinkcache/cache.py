@@ -55,7 +55,7 @@ from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
-_STALE = -(2**62)  # SinkLayer.ahead_start when the pre-placed sinks must be rotated again
+_STALE = -(2**62)  # LayerGroup.ahead_start when the pre-placed sinks must be placed again
 SINKS_AHEAD = 8  # default addressing: the sinks are rotated for this many steps at once, then copied per step
 
 
@@ -182,7 +182,7 @@ class SinkLayer(CacheLayerMixin):
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
         if self.group is not None:
-            self.group.ahead_start = _STALE
+            self.group.ahead_start, self.group.values_placed = _STALE, False
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
@@ -233,6 +233,7 @@ class LayerGroup:
         self.narrow = self.key_dim != self.value_dim  # then one of the two is narrower than the storage's width
         self.rows = [slice(0, 2 * len(layers))] if shared else [slice(2 * g, 2 * g + 2) for g in range(len(layers))]
         self.ahead_start = _STALE  # the rotation-table row of ahead[0]'s first sink
+        self.values_placed = False  # whether ahead holds the sinks' current values (they do not move with the keys)
         kvs = [layer.kv for layer in layers]
         self._set([torch.cat(kvs)] if shared else kvs, torch.stack([layer.sink_keys for layer in layers]),
                   torch.stack([layer.sink_values for layer in layers]))
@@ -252,9 +253,10 @@ class LayerGroup:
             kv = units[0][2 * g : 2 * g + 2] if len(units) == 1 else units[g]
             layer.point_to(kv, sink_keys[g], sink_values[g])
 
-    def attend(self, at: slice) -> None:
-        """Give every layer its views of the buffer slots ``at`` for this step (shared storage: two operations)."""
-        views = self.units[0][:, :, :, at].unbind(0)
+    def attend(self, start: int, length: int) -> None:
+        """Give every layer its views of ``length`` buffer slots from ``start`` for this step (shared storage: two
+        operations in all)."""
+        views = self.units[0].narrow(3, start, length).unbind(0)
         for g, layer in enumerate(self.layers):
             keys, values = views[2 * g], views[2 * g + 1]
             layer.attending = (keys[..., : self.key_dim], values[..., : self.value_dim]) if self.narrow \
@@ -267,7 +269,7 @@ class LayerGroup:
             if not 0 <= row - self.ahead_start < SINKS_AHEAD:
                 self._place_ahead(row)
             for unit, source in zip(self.units, self.sources[row - self.ahead_start]):
-                unit[:, :, :, where] = source
+                unit.narrow(3, at, where.stop - at).copy_(source)
             return
         sinks = self.ahead[0].clone()
         sinks[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, slice(row, where.stop - at + row))
@@ -280,7 +282,9 @@ class LayerGroup:
     def _place_ahead(self, row: int) -> None:
         """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
         self.ahead[:, 0::2, ..., : self.key_dim] = self.table.rotate_runs(self.sink_keys, row, SINKS_AHEAD)
-        self.ahead[:, 1::2, ..., : self.value_dim] = self.sink_values
+        if not self.values_placed:
+            self.ahead[:, 1::2, ..., : self.value_dim] = self.sink_values
+            self.values_placed = True
         self.ahead_start = row
 
     def relocate(self, src: slice, capacity: int) -> None:
@@ -453,7 +457,7 @@ class SinkCache(Cache):
             if some_full:
                 group.write_sinks(lo, region_start - self.offset, full_rows)
             if not self.static_shapes:  # with static shapes a layer attends to its whole unit
-                group.attend(attend)
+                group.attend(lo, now + n - lo)
         for layer in self.layers:
             layer.pending = True
         self.base, self.seen = base, t + n
@@ -485,7 +489,7 @@ class SinkCache(Cache):
         table = self._range
         if table is None or stop > table.shape[1] or table.device != device:
             table = self._range = torch.arange(max(stop, 2 * self.window_length + 2), device=device)[None]
-        return table[:, start:stop]
+        return table.narrow(1, start, stop - start)
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record where each row's real tokens start (left padding); refuse padding after a real token.

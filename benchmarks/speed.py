@@ -81,7 +81,10 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of every tensor storage a transformers cache's layers hold (each storage counted once)."""
+    """Bytes of every tensor storage a cache holds (each storage counted once): ``SinkCache.nbytes``, or for a
+    transformers cache what its layers hold."""
+    if isinstance(cache, SinkCache):
+        return cache.nbytes
     seen: dict[int, int] = {}
     for layer in getattr(cache, "layers", []):
         for value in vars(layer).values():

@@ -10,8 +10,6 @@ import argparse
 import sys
 import time
 
-import torch
-
 from sinkcache import SinkCache, machine, offline
 
 
@@ -47,15 +45,8 @@ def rss_mib() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def cache_bytes(cache: SinkCache) -> int:
-    """Bytes of every tensor the cache holds: key/value buffers and the sinks' unrotated copies."""
-    tensors = (getattr(layer, name) for layer in cache.layers
-               for name in ("keys", "values", "sink_keys", "sink_values"))
-    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
-
-
 def memory_line(cache: SinkCache) -> str:
     """One line: stream length, tokens kept, buffer slots, cache bytes and process RSS (tests parse it)."""
     slots = cache.layers[0].keys.shape[-2] if cache.layers else 0
     return (f"[memory] streamed={cache.get_seq_length()} kept={cache.cached_length()} slots={slots} "
-            f"cache_bytes={cache_bytes(cache)} ({cache_bytes(cache) / 2**20:.1f} MiB) rss_mib={rss_mib():.0f}")
+            f"cache_bytes={cache.nbytes} ({cache.nbytes / 2**20:.1f} MiB) rss_mib={rss_mib():.0f}")

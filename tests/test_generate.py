@@ -122,8 +122,10 @@ def test_five_thousand_steps_at_constant_size_and_memory():
             if t >= 100:
                 shapes.add(tuple(cache.layers[0].keys.shape))
             if t + 1 in (1000, 5000):
-                sizes[t + 1] = cache_bytes(cache)
+                sizes[t + 1] = cache_bytes(cache), cache.nbytes
     assert len(shapes) == 1 and sizes[1000] == sizes[5000]
+    # nbytes also counts the pre-placed sinks and the rotation tables, but no storage twice (the layers share one)
+    assert cache_bytes(cache) < cache.nbytes < 2 * cache_bytes(cache)
     assert cache.mask_sizes()[0] == 64 + 1  # the last step attended to the 64 cached tokens plus itself
 
 

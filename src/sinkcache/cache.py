@@ -13,19 +13,22 @@ the next call. With one token per call this is the contract above.
 
 Storage (why it is cheap)
 -------------------------
-Each layer owns one preallocated buffer per key/value of ``window_length + slack`` slots, and tokens are written in
-stream order, so the tokens a step attends to are always one contiguous slice: a view, never a copy, and the
-standard causal / sliding-window masks of transformers apply unchanged (slot distance == in-cache distance).
+Each layer owns one preallocated buffer of ``window_length + slack`` slots (keys and values side by side), and tokens
+are written in stream order, so the tokens a step attends to are always one contiguous slice: a view, never a copy,
+and the standard causal / sliding-window masks of transformers apply unchanged (slot distance == in-cache distance).
 
 * Positions are ``slot - offset``: window keys keep the rotation they were given when they arrived, and the query
   gets the next position, so their distances are right without touching them.
 * The sinks are the only tokens that move: each step they are written into the ``num_sink_tokens`` slots just
   before the oldest window token, rotated in float32 from a stored copy of their *unrotated* keys (one rounding,
-  however long the stream). With the default addressing they are rotated for 8 placements at once, then copied.
+  however long the stream). They are rotated for ``SINKS_AHEAD`` placements at once, then copied.
 * Every ``slack`` tokens the live slice is copied back to the start of the buffer (compaction). More than
   ``window_length`` tokens apart, the offset is re-based so that positions stay below ``2 * window_length`` plus
   the call's tokens: a window key is re-rotated (float32, one rounding) at most once in its life.
   Per token the amortised work is O(sinks + 1).
+* After the first step, layers with the same storage shapes form a ``LayerGroup`` whose buffers are one tensor:
+  ``begin_step`` then moves every layer's sinks with one copy and makes every layer's views with two operations,
+  and a layer's ``update`` only writes the new keys and values.
 
 Batches may be left-padded: padding slots are masked and zeroed, never become sinks, and each row's sinks are its own
 first real tokens. Padding after a row's first real token is refused.
@@ -34,12 +37,12 @@ Static shapes (``static_shapes=True``, for ``torch.compile``)
 -------------------------------------------------------------
 The layout and the positions are the same; only the *addressing* changes. Each step then attends to the whole
 buffer (``window_length + slack`` slots) and a ``[batch, slots]`` mask hides the slots outside the live region, the
-new tokens and the sinks are written through index tensors, and the query offset of the causal mask is a tensor.
-A one-token step therefore has the same shapes and the same Python control flow at every step: inside the model's
-forward the cache reads no Python number that changes, so a compiled decode step compiles once. Everything that
-does depend on the step's numbers (the plan, compaction and the position re-base, which touch every layer once per
-``slack`` or ``window_length`` tokens) runs in ``begin_step``, before the model's forward, outside the graph.
-The price is attention over the slack slots too (masked): 1.25x the keys of the default addressing.
+new tokens are written through an index tensor, and the query offset of the causal mask is a tensor. A one-token
+step therefore has the same shapes and the same Python control flow at every step: inside the model's forward the
+cache reads no Python number that changes, so a compiled decode step compiles once. Everything that does depend on
+the step's numbers (the plan, moving the sinks, compaction and the position re-base) runs in ``begin_step``, before
+the model's forward, outside the graph. Each layer keeps a buffer of its own here (see ``LayerGroup``). The price is
+attention over the slack slots too (masked): 1.25x the keys of the default addressing.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from .rotary import RopeSpec, RotationTable, rotate
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
 _STALE = -(2**62)  # LayerGroup.ahead_start when the pre-placed sinks must be placed again
-SINKS_AHEAD = 8  # default addressing: the sinks are rotated for this many steps at once, then copied per step
+SINKS_AHEAD = 8  # the sinks are rotated for this many steps at once, then copied per step
 
 
 class NotEnabledError(RuntimeError):
@@ -86,10 +89,10 @@ class StepPlan:
 class SinkLayer(CacheLayerMixin):
     """One decoder layer: stores each step's new keys/values and returns the keys/values the step attends to.
 
-    It holds no policy: it applies the ``StepPlan`` of its parent ``SinkCache``. After the first step its tensors are
-    views into its ``LayerGroup``'s, which moves the sinks, compacts and re-bases for all of the group's layers.
-    Keys and values share one buffer ``kv`` ``[2, batch, heads, slots, width]`` (``width`` is the larger head
-    dimension); ``keys`` and ``values`` are views of it.
+    It holds no policy: it applies the ``StepPlan`` of its parent ``SinkCache``. After the first step its storage
+    belongs to a ``LayerGroup``, which moves the sinks, compacts and re-bases for all of the group's layers. Keys and
+    values share one buffer ``kv`` ``[2, batch, heads, slots, width]`` (``width`` is the larger head dimension);
+    ``keys`` and ``values`` are views of it.
     """
 
     is_compileable = False  # see SinkCache.is_compileable
@@ -483,12 +486,14 @@ class SinkCache(Cache):
         return self.groups
 
     def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """``torch.arange(start, stop)[None]`` on ``device``, as a view of a table kept by the cache: one cheap op per
-        step instead of building (and on a GPU, copying) a tensor. Positions stay below ``2 * window_length`` plus
-        the call's tokens (see the re-base), so the table rarely grows."""
+        """``torch.arange(start, stop)[None]`` on ``device``. A one-token call's positions stay below
+        ``2 * window_length + 1`` (see the re-base), so they are a view of a fixed table kept by the cache: one cheap
+        op per step instead of building (and on a GPU, copying) a tensor."""
         table = self._range
-        if table is None or stop > table.shape[1] or table.device != device:
-            table = self._range = torch.arange(max(stop, 2 * self.window_length + 2), device=device)[None]
+        if table is None or table.device != device:
+            table = self._range = torch.arange(2 * self.window_length + 2, device=device)[None]
+        if stop > table.shape[1]:  # a chunk
+            return torch.arange(start, stop, device=device)[None]
         return table.narrow(1, start, stop - start)
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -576,6 +581,17 @@ class SinkCache(Cache):
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (buffers, the sinks' copies and pre-placed rotations, rotation and
+        position tables), each storage counted once."""
+        tensors = [t for group in self.groups for t in (*group.units, group.sink_keys, group.sink_values, group.ahead)]
+        tensors += [t for layer in self.layers if layer.is_initialized and layer.group is None
+                    for t in (layer.kv, layer.sink_keys, layer.sink_values)]
+        tensors += [t for table in self._tables.values() for t in (table.cos, table.sin, table.partner)]
+        tensors += [self._range] if self._range is not None else []
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def cached_length(self) -> int:
         """Tokens held after the last step's eviction, i.e. what the next token will attend to (<= window)."""

@@ -274,7 +274,7 @@ class LayerGroup:
             for unit, source in zip(self.units, self.sources[row - self.ahead_start]):
                 unit.narrow(3, at, where.stop - at).copy_(source)
             return
-        sinks = self.ahead[0].clone()
+        sinks = torch.zeros_like(self.ahead[0])  # this step's keys and values, rows laid out as in the units
         sinks[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, slice(row, where.stop - at + row))
         sinks[1::2, ..., : self.value_dim] = self.sink_values
         full = full_rows.to(sinks.device)[None, :, None, None, None]

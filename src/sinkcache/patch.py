@@ -100,8 +100,8 @@ def enable_streaming(
             return None
         if args:
             kwargs = {**dict(zip(names, args)), **kwargs}
-        plan = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
-        return (), plan(cache, kwargs, rope)
+        positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
+        return (), positions_for_step(cache, kwargs, rope)
 
     own = model.__dict__.get("generate")
     _ENABLED[model] = _Streaming(

@@ -267,20 +267,20 @@ class LayerGroup:
 
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
         """Put the sinks in buffer slots ``at ..``, rotated to table rows ``row ..``; only ``full_rows`` if given."""
-        where = slice(at, at + self.sink_keys.shape[-2])
+        sinks = self.sink_keys.shape[-2]
         if full_rows is None:  # the common case: copy keys and values rotated ahead
             if not 0 <= row - self.ahead_start < SINKS_AHEAD:
                 self._place_ahead(row)
             for unit, source in zip(self.units, self.sources[row - self.ahead_start]):
-                unit.narrow(3, at, where.stop - at).copy_(source)
+                unit.narrow(3, at, sinks).copy_(source)
             return
-        sinks = torch.zeros_like(self.ahead[0])  # this step's keys and values, rows laid out as in the units
-        sinks[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, slice(row, where.stop - at + row))
-        sinks[1::2, ..., : self.value_dim] = self.sink_values
-        full = full_rows.to(sinks.device)[None, :, None, None, None]
+        placed = torch.zeros_like(self.ahead[0])  # this step's keys and values, rows laid out as in the units
+        placed[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, slice(row, row + sinks))
+        placed[1::2, ..., : self.value_dim] = self.sink_values
+        full = full_rows.to(placed.device)[None, :, None, None, None]
         for unit, rows in zip(self.units, self.rows):
-            stored = unit[:, :, :, where]
-            stored.copy_(torch.where(full, sinks[rows], stored))
+            stored = unit.narrow(3, at, sinks)
+            stored.copy_(torch.where(full, placed[rows], stored))
 
     def _place_ahead(self, row: int) -> None:
         """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""

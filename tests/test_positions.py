@@ -100,6 +100,31 @@ def test_window_and_sink_settings(window, sinks):
     assert check_against_oracle(tiny_model("llama"), [1] * 80, window, sinks, name="llama/settings") < TOLERANCE
 
 
+@pytest.mark.parametrize(("arch", "local_window", "rolls"), [
+    ("llama", None, True), ("qwen3", None, True),  # qwen3 has a sliding_window size, switched off
+    ("qwen2", 6, False), ("mistral", 14, False),  # sliding windows shorter than the cache: slot order must stay
+])
+def test_rolls_in_place_unless_a_local_window_is_shorter(arch, local_window, rolls):
+    """Past the window, one-token calls roll the region in place (ring order) unless a sliding window shorter than
+    the cache needs stream order. Runs of one-token calls (long enough for re-bases while rolling) alternate with
+    chunks, which unroll the ring at different phases; every logit must match the oracle."""
+    model = tiny_model(arch)
+    enable_streaming(model, WINDOW, SINKS)
+    assert sinkcache.patch._ENABLED[model].rope.local_window == local_window
+    chunks = [20] + [1] * 30 + [3] + [1] * 25 + [7] + [1] * 40 + [2] + [1] * 9
+    torch.manual_seed(3)
+    tokens = torch.randint(3, model.config.vocab_size, (sum(chunks),))
+    cache, rolled, out, start = SinkCache(WINDOW, SINKS), 0, [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(input_ids=tokens[None, start : start + n], cache=cache).logits[0])
+            rolled += cache.ring is not None
+            start += n
+    assert (rolled > 90) if rolls else (rolled == 0)
+    want = oracle_logits(model, tokens, contract_visible(chunks, WINDOW, SINKS), SINKS)
+    assert (torch.cat(out) - want).abs().max().item() < TOLERANCE
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
 def test_oracle_is_sensitive(monkeypatch, static):
     """Negative controls: a sink rotation off by one position, or none at all, must fail the oracle test."""

@@ -264,6 +264,20 @@ def fresh_keys(unrotated: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def by_token(keys: torch.Tensor, values: torch.Tensor, stream_values: torch.Tensor):
+    """Which stream tokens a call attended to, and their keys and values in stream order.
+
+    The cache may hold its window in ring order (rolling in place), so each returned slot is identified by its value
+    vector, stored bit-exact: ``stream_values`` ``[tokens, heads, width]`` are every token's values (all distinct).
+    Returns ``(token indices, keys, values)``, the tensors ``[heads, slots, dim]`` reordered.
+    """
+    match = (values[0].transpose(0, 1)[:, None] == stream_values[None]).flatten(2).all(-1)  # [slots, tokens]
+    assert (match.sum(1) == 1).all(), "a returned slot holds no token's values, or several"
+    tokens = match.int().argmax(1)
+    order = tokens.argsort()
+    return tokens[order].tolist(), keys[0][:, order], values[0][:, order]
+
+
 def rounding_error(stored: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
     """Worst ``|stored - exact|`` per key vector, in units of the dtype's epsilon times the vector's largest entry."""
     scale = exact.abs().amax(dim=-1, keepdim=True) * torch.finfo(dtype).eps
@@ -300,11 +314,12 @@ def test_low_precision_keys_do_not_drift(dtype):
     # a last one-token call attends to the sinks, the window and itself, at consecutive positions
     stored_keys, stored_values, query_position = step(fed, 1)
     seen = visible_at(total - 1, window, sinks)
+    tokens, stored_keys, stored_values = by_token(stored_keys, stored_values, values)
+    assert tokens == seen and len(seen) == window + 1
     exact = fresh_keys(unrotated[seen].transpose(0, 1), torch.arange(query_position - window, query_position + 1))
-    assert stored_keys.shape[-2] == len(seen) == window + 1
-    error = rounding_error(stored_keys[0], exact, dtype)
+    error = rounding_error(stored_keys, exact, dtype)
     assert error <= 2.0, f"stored keys are {error:.2f} epsilons from freshly rotated ones"
-    assert torch.equal(stored_values[0], values[seen].transpose(0, 1))
+    assert torch.equal(stored_values, values[seen].transpose(0, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -331,7 +346,7 @@ def test_layers_of_other_shapes_and_value_widths(static):
     generator = torch.Generator().manual_seed(0)
     unrotated = torch.randn(total, HEADS, HEAD_DIM, generator=generator)
     values = [torch.randn(total, HEADS, width, generator=generator) for width in (16, 48)]
-    fed, checked = 0, 0
+    fed, checked, rolled = 0, 0, 0
     for n in itertools.cycle((1, 1, 5, 1, 16, 1, 3, 1, 1, 30)):
         n = min(n, total - fed)
         if n == 0:
@@ -346,14 +361,18 @@ def test_layers_of_other_shapes_and_value_widths(static):
                 live = slot_mask[0, 1:].nonzero()[:, 0]
                 stored_keys, stored_values = stored_keys[..., live, :], stored_values[..., live, :]
             seen = visible_at(fed, window, sinks) if fed >= window else list(range(fed + 1))
+            tokens, stored_keys, stored_values = by_token(stored_keys, stored_values, layer_values)
+            assert tokens == seen, f"token {fed}, layer {layer}"
             query = int(position_ids[0, -1])
             exact = fresh_keys(unrotated[seen].transpose(0, 1), torch.arange(query - len(seen) + 1, query + 1))
-            assert stored_keys.shape == (1, HEADS, len(seen), HEAD_DIM)
-            assert (stored_keys[0].double() - exact).abs().max() < 1e-5, f"keys, token {fed}, layer {layer}"
-            assert torch.equal(stored_values[0], layer_values[seen].transpose(0, 1)), f"values, token {fed}"
+            assert stored_keys.shape == (HEADS, len(seen), HEAD_DIM)
+            assert (stored_keys.double() - exact).abs().max() < 1e-5, f"keys, token {fed}, layer {layer}"
+            assert torch.equal(stored_values, layer_values[seen].transpose(0, 1)), f"values, token {fed}"
+            rolled += cache.ring is not None
             checked += 1
         fed += n
     assert len(cache.groups) == 2 and checked > 150
+    assert rolled > 50 if not static else rolled == 0  # both layouts of the default addressing were checked
 
 
 # ---- bad input: clear errors that name the fix ---------------------------------------------------------------

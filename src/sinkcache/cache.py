@@ -14,8 +14,9 @@ the next call. With one token per call this is the contract above.
 Storage (why it is cheap)
 -------------------------
 Each layer owns one preallocated buffer of ``window_length + slack`` slots (keys and values side by side), and tokens
-are written in stream order, so the tokens a step attends to are always one contiguous slice: a view, never a copy,
-and the standard causal / sliding-window masks of transformers apply unchanged (slot distance == in-cache distance).
+are written in stream order (until the cache rolls in place, below), so the tokens a step attends to are always one
+contiguous slice: a view, never a copy, and the standard causal / sliding-window masks of transformers apply
+unchanged (slot distance == in-cache distance).
 
 * Positions are ``slot - offset``: window keys keep the rotation they were given when they arrived, and the query
   gets the next position, so their distances are right without touching them.
@@ -29,6 +30,17 @@ and the standard causal / sliding-window masks of transformers apply unchanged (
 * After the first step, layers with the same storage shapes form a ``LayerGroup`` whose buffers are one tensor:
   ``begin_step`` then moves every layer's sinks with one copy and makes every layer's views with two operations,
   and a layer's ``update`` only writes the new keys and values.
+
+Rolling in place
+----------------
+Once every row's stream is longer than the window, one-token calls stop moving the region: it keeps its
+``window_length + 1`` slots, the sinks its first ones, and each new token overwrites the slot of the token evicted
+after the previous call (a ring). The attended tokens are then no longer in stream order, which attention without a
+mask cannot tell: each key carries its position in its rotation, and the sum over keys does not depend on their
+order. The layers' views and the sinks' slots are then the same at every step, so a step creates no views at all.
+A chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts slot distances), and a
+model with a sliding or chunked attention window shorter than ``window_length + 1`` (``RopeSpec.local_window``)
+never rolls in place, for the same reason. Neither do static shapes: their mask follows stream order.
 
 Batches may be left-padded: padding slots are masked and zeroed, never become sinks, and each row's sinks are its own
 first real tokens. Padding after a row's first real token is refused.
@@ -141,8 +153,9 @@ class SinkLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Store the new (already rotated) keys/values and return the keys/values this step attends to.
 
-        Returns views of the buffer, ``[batch, heads, slots, head_dim]`` in stream order: the slots of
-        ``plan.attend``, i.e. the live region (sinks first) or, with static shapes, the whole buffer.
+        Returns views of the buffer, ``[batch, heads, slots, head_dim]``: the slots of ``plan.attend``, i.e. the live
+        region (sinks first, then the window in stream order, or in ring order when rolling in place) or, with static
+        shapes, the whole buffer.
         """
         plan = self.parent.plan
         if not self.pending:  # begin_step marks every stored layer: this one is new, or the hook did not run
@@ -185,7 +198,7 @@ class SinkLayer(CacheLayerMixin):
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
         if self.group is not None:
-            self.group.ahead_start, self.group.values_placed = _STALE, False
+            self.group.ahead_start, self.group.sinks_changed = _STALE, True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
@@ -235,8 +248,6 @@ class LayerGroup:
         self.key_dim, self.value_dim = first.key_dim, first.value_dim
         self.narrow = self.key_dim != self.value_dim  # then one of the two is narrower than the storage's width
         self.rows = [slice(0, 2 * len(layers))] if shared else [slice(2 * g, 2 * g + 2) for g in range(len(layers))]
-        self.ahead_start = _STALE  # the rotation-table row of ahead[0]'s first sink
-        self.values_placed = False  # whether ahead holds the sinks' current values (they do not move with the keys)
         kvs = [layer.kv for layer in layers]
         self._set([torch.cat(kvs)] if shared else kvs, torch.stack([layer.sink_keys for layer in layers]),
                   torch.stack([layer.sink_values for layer in layers]))
@@ -249,8 +260,12 @@ class LayerGroup:
         if ahead is None:
             ahead = first.new_zeros(SINKS_AHEAD, 2 * len(self.layers), *first.shape[1:3], sink_keys.shape[-2],
                                     first.shape[-1])
-        self.ahead = ahead
+            self.ahead_start = _STALE  # the rotation-table row of ahead[0]'s first sink
+            self.sinks_changed = True  # the sinks' values in ahead and `swapped` must be made again
+        self.ahead, self.ahead_keys = ahead, ahead[:, 0::2, ..., : self.key_dim]
         self.sources = [[placement[rows] for rows in self.rows] for placement in ahead.unbind(0)]  # views, made once
+        self.attended: tuple[int, int] | None = None  # the slots of the layers' current views (see attend)
+        self.sink_slots: tuple[int, list[torch.Tensor]] = (-1, [])  # where write_sinks wrote last, and its views
         for g, layer in enumerate(self.layers):
             layer.group = self
             kv = units[0][2 * g : 2 * g + 2] if len(units) == 1 else units[g]
@@ -258,12 +273,15 @@ class LayerGroup:
 
     def attend(self, start: int, length: int) -> None:
         """Give every layer its views of ``length`` buffer slots from ``start`` for this step (shared storage: two
-        operations in all)."""
+        operations in all, none when the slots are those of the previous step)."""
+        if self.attended == (start, length):
+            return
         views = self.units[0].narrow(3, start, length).unbind(0)
         for g, layer in enumerate(self.layers):
             keys, values = views[2 * g], views[2 * g + 1]
             layer.attending = (keys[..., : self.key_dim], values[..., : self.value_dim]) if self.narrow \
                 else (keys, values)
+        self.attended = start, length
 
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
         """Put the sinks in buffer slots ``at ..``, rotated to table rows ``row ..``; only ``full_rows`` if given."""
@@ -271,8 +289,10 @@ class LayerGroup:
         if full_rows is None:  # the common case: copy keys and values rotated ahead
             if not 0 <= row - self.ahead_start < SINKS_AHEAD:
                 self._place_ahead(row)
-            for unit, source in zip(self.units, self.sources[row - self.ahead_start]):
-                unit.narrow(3, at, sinks).copy_(source)
+            if self.sink_slots[0] != at:
+                self.sink_slots = at, [unit.narrow(3, at, sinks) for unit in self.units]
+            for slots, source in zip(self.sink_slots[1], self.sources[row - self.ahead_start]):
+                slots.copy_(source)
             return
         placed = torch.zeros_like(self.ahead[0])  # this step's keys and values, rows laid out as in the units
         placed[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, slice(row, row + sinks))
@@ -284,11 +304,19 @@ class LayerGroup:
 
     def _place_ahead(self, row: int) -> None:
         """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
-        self.ahead[:, 0::2, ..., : self.key_dim] = self.table.rotate_runs(self.sink_keys, row, SINKS_AHEAD)
-        if not self.values_placed:
+        if self.sinks_changed:  # what does not depend on the placement is made once per set of sinks
+            self.swapped = self.table.swap_halves(self.sink_keys)
             self.ahead[:, 1::2, ..., : self.value_dim] = self.sink_values
-            self.values_placed = True
+            self.sinks_changed = False
+        self.table.rotate_runs(self.sink_keys, self.swapped, row, out=self.ahead_keys)
         self.ahead_start = row
+
+    def unroll(self, start: int, length: int, shift: int) -> None:
+        """Back to stream order: roll the ``length`` slots from ``start`` (a ring) left by ``shift``."""
+        if shift:
+            for unit in self.units:
+                ring = unit.narrow(3, start, length)
+                ring.copy_(ring.roll(-shift, 3))
 
     def relocate(self, src: slice, capacity: int) -> None:
         """Compaction (and growth or shrinking): move the slots ``src`` to the start of a buffer of ``capacity``."""
@@ -311,8 +339,7 @@ class LayerGroup:
 
     def select_rows(self, index: torch.Tensor) -> None:
         index = index.to(self.units[0].device)
-        self._set([unit[:, index] for unit in self.units], self.sink_keys[:, index], self.sink_values[:, index],
-                  self.ahead[:, :, index])
+        self._set([unit[:, index] for unit in self.units], self.sink_keys[:, index], self.sink_values[:, index])
 
 
 NOT_ENABLED = (
@@ -366,9 +393,12 @@ class SinkCache(Cache):
         self.base = 0
         self.offset = 0
         self.plan: StepPlan | None = None
+        # rolling in place: (buffer index of the region, stream slot of the token stored first in its ring)
+        self.ring: tuple[int, int] | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
         self._range: torch.Tensor | None = None  # [1, length] arange on the model's device; see _arange
+        self._next_positions: tuple[int, tuple[torch.Tensor, ...]] = (-1, ())  # the first's position, and views
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
 
     def __repr__(self) -> str:
@@ -407,8 +437,17 @@ class SinkCache(Cache):
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
         region_start = max(0, t - window)  # the sinks of full rows go here; the window is [region_start+sinks, t)
 
-        # Compaction when the new tokens do not fit; growth for a chunk larger than the slack, shrink after it.
         groups, default = self._group_layers(), window + self.slack
+        ring_size = window + 1 - sinks  # rolling in place: the slots of the window and the new token
+        if self.ring is not None:  # the region keeps its buffer slots: the stream slot of buffer index 0 moves on
+            at, origin = self.ring
+            self.base = region_start - at
+            if n > 1:  # a chunk needs stream order (the causal mask within it): unroll the ring first
+                for group in groups:
+                    group.unroll(at + sinks, ring_size, (region_start + sinks - origin) % ring_size)
+                self.ring = None
+
+        # Compaction when the new tokens do not fit; growth for a chunk larger than the slack, shrink after it.
         old_base, old_capacity = self.base, groups[0].units[0].shape[-2] if groups else default
         base, capacity = old_base, old_capacity
         if t + n - base > capacity or (capacity > default and t + n - region_start <= default):
@@ -436,6 +475,11 @@ class SinkCache(Cache):
                 slots = sink_slot[rows, ids]
                 capture = (rows, ids, slots - t, slots - self.offset)
         lo, now = region_start - base, t - base
+        # Roll in place once every row is full, unless a layer's sliding or chunked window (a mask over slot
+        # distances) would cut the region. The region stays at its current slots from now on.
+        if (self.ring is None and n == 1 and self._first_max < region_start and not self.static_shapes
+                and (rope.local_window is None or rope.local_window > window)):
+            self.ring = lo, region_start + sinks
         write_at: slice | torch.Tensor
         query_offset: int | torch.Tensor
         if self.static_shapes:
@@ -443,6 +487,9 @@ class SinkCache(Cache):
             query_offset = torch.tensor(now + 1, device=device)  # + 1: see mask_sizes
         else:
             write_at, attend, query_offset = slice(now, now + n), slice(lo, now + n), now
+            if self.ring is not None:  # the new token takes the slot of the token evicted after the previous call
+                slot = lo + sinks + (t - self.ring[1]) % ring_size
+                write_at = slice(slot, slot + 1)
         self.plan = StepPlan(
             start=t, num_new=n, region_start=region_start, base=base, capacity=capacity, write_at=write_at,
             attend=attend, new_mask=new_mask, capture=capture, query_offset=query_offset,
@@ -455,8 +502,8 @@ class SinkCache(Cache):
         for group in groups:
             if base != old_base or capacity != old_capacity:
                 group.relocate(slice(region_start - old_base, t - old_base), capacity)
-            if shift:
-                group.rebase(slice(lo, now), shift)
+            if shift:  # up to the new tokens' slots: rolling in place, the last one may hold a window token
+                group.rebase(slice(lo, now + n), shift)
             if some_full:
                 group.write_sinks(lo, region_start - self.offset, full_rows)
             if not self.static_shapes:  # with static shapes a layer attends to its whole unit
@@ -487,14 +534,21 @@ class SinkCache(Cache):
 
     def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         """``torch.arange(start, stop)[None]`` on ``device``. A one-token call's positions stay below
-        ``2 * window_length + 1`` (see the re-base), so they are a view of a fixed table kept by the cache: one cheap
-        op per step instead of building (and on a GPU, copying) a tensor."""
+        ``2 * window_length + 1`` (see the re-base), so they are views of a fixed table kept by the cache, made for
+        ``SINKS_AHEAD`` consecutive calls at once: no tensor built (and on a GPU, copied) per step."""
         table = self._range
         if table is None or table.device != device:
             table = self._range = torch.arange(2 * self.window_length + 2, device=device)[None]
+            self._next_positions = -1, ()
         if stop > table.shape[1]:  # a chunk
             return torch.arange(start, stop, device=device)[None]
-        return table.narrow(1, start, stop - start)
+        if stop - start > 1:
+            return table.narrow(1, start, stop - start)
+        first, views = self._next_positions
+        if not 0 <= start - first < len(views):
+            count = min(SINKS_AHEAD, table.shape[1] - start)
+            first, views = self._next_positions = start, table.narrow(1, start, count).view(count, 1, 1).unbind(0)
+        return views[start - first]
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record where each row's real tokens start (left padding); refuse padding after a real token.

@@ -77,34 +77,45 @@ class RotationTable:
         table rows)."""
         return keys * self.cos[rows] + keys[..., self.partner] * self.sin[rows]
 
-    def rotate_runs(self, keys: torch.Tensor, first: int, count: int) -> torch.Tensor:
-        """Float32 ``keys [..., n, head_dim]`` placed ``count`` times: run ``i`` rotates them to the consecutive
-        positions (table rows) ``first + i .. first + i + n - 1``. Returns ``[count, *keys.shape]``.
+    def swap_halves(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys[..., partner]``: the rotary halves swapped, which ``rotate_runs`` multiplies by the sines."""
+        return keys[..., self.partner]
 
-        The runs' cos/sin are overlapping windows of the table (views, no copy), so this is three small kernels.
+    def rotate_runs(self, keys: torch.Tensor, swapped: torch.Tensor, first: int, *, out: torch.Tensor) -> None:
+        """Place float32 ``keys [..., n, head_dim]`` ``count = out.shape[0]`` times: run ``i`` (``out[i]``) rotates
+        them to the consecutive positions (table rows) ``first + i .. first + i + n - 1``.
+
+        ``swapped`` is ``swap_halves(keys)``, kept by the caller while the keys stay the same. The runs' cos/sin are
+        overlapping windows of the table (views, no copy), so this is two small kernels, computed in float32 and
+        rounded once into ``out`` (any float dtype, may be a strided view).
         """
         key = keys.shape[-2], keys.ndim
         if key not in self._runs:
             self._runs[key] = tuple(t.unfold(0, key[0], 1).transpose(1, 2)[(slice(None),) + (None,) * (keys.ndim - 2)]
                                     for t in (self.cos, self.sin))
         cos, sin = self._runs[key]
-        return torch.addcmul(keys * cos[first : first + count], keys[..., self.partner], sin[first : first + count])
+        runs = slice(first, first + out.shape[0])
+        torch.addcmul(keys * cos[runs], swapped, sin[runs], out=out)
 
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """What sinkcache needs to know about one model's rotary embedding.
+    """What sinkcache needs to know about one model's rotary embedding (and the reach of its attention).
 
     Attributes:
         inv_freq_per_layer: one ``[r / 2]`` float32 tensor per decoder layer (Gemma 3 has one per layer type).
         max_position: the largest position (exclusive) at which the frequencies stay fixed, or ``None`` when they
             never change with length.
         model_id: ``id`` of the model the spec was read from; a cache refuses to serve another model.
+        local_window: the shortest sliding or chunked attention window (tokens) any layer may use, or ``None`` when
+            every layer attends to the whole cache. Such masks count slot distances, so the cache then keeps its
+            slots in stream order (it does not roll in place).
     """
 
     inv_freq_per_layer: tuple[torch.Tensor, ...]
     max_position: int | None
     model_id: int
+    local_window: int | None = None
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     def frequencies(self, layer_idx: int, device: torch.device) -> torch.Tensor:
@@ -174,4 +185,8 @@ def read_rope_spec(model: PreTrainedModel) -> RopeSpec:
                      and p.get("original_max_position_embeddings")), None)
             or config.max_position_embeddings
         )
-    return RopeSpec(tuple(inv_freqs), max_position, id(model))
+    windows = [getattr(config, "attention_chunk_size", None)]
+    if getattr(config, "use_sliding_window", True):  # Qwen2 and Qwen3 keep a size even when it is off
+        windows.append(getattr(config, "sliding_window", None))
+    local_window = min((w for w in windows if isinstance(w, int) and not isinstance(w, bool) and w > 0), default=None)
+    return RopeSpec(tuple(inv_freqs), max_position, id(model), local_window)

@@ -534,15 +534,16 @@ class SinkCache(Cache):
 
     def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         """``torch.arange(start, stop)[None]`` on ``device``. A one-token call's positions stay below
-        ``2 * window_length + 1`` (see the re-base), so they are views of a fixed table kept by the cache, made for
-        ``SINKS_AHEAD`` consecutive calls at once: no tensor built (and on a GPU, copied) per step."""
+        ``2 * window_length + 1`` (see the re-base), so they are views of a fixed table kept by the cache (with the
+        default addressing, made for ``SINKS_AHEAD`` consecutive calls at once): no tensor is built (and on a GPU,
+        copied) per step."""
         table = self._range
         if table is None or table.device != device:
             table = self._range = torch.arange(2 * self.window_length + 2, device=device)[None]
             self._next_positions = -1, ()
         if stop > table.shape[1]:  # a chunk
             return torch.arange(start, stop, device=device)[None]
-        if stop - start > 1:
+        if stop - start > 1 or self.static_shapes:  # views made by unbind slow a compiled step down (measured)
             return table.narrow(1, start, stop - start)
         first, views = self._next_positions
         if not 0 <= start - first < len(views):

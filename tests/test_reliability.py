@@ -271,9 +271,12 @@ def by_token(keys: torch.Tensor, values: torch.Tensor, stream_values: torch.Tens
     vector, stored bit-exact: ``stream_values`` ``[tokens, heads, width]`` are every token's values (all distinct).
     Returns ``(token indices, keys, values)``, the tensors ``[heads, slots, dim]`` reordered.
     """
-    match = (values[0].transpose(0, 1)[:, None] == stream_values[None]).flatten(2).all(-1)  # [slots, tokens]
-    assert (match.sum(1) == 1).all(), "a returned slot holds no token's values, or several"
-    tokens = match.int().argmax(1)
+    found = []
+    for slot in values[0].transpose(0, 1):  # one slot's [heads, width] at a time: the stream may be long
+        hits = (stream_values == slot).flatten(1).all(1).nonzero()[:, 0]
+        assert len(hits) == 1, "a returned slot holds no token's values, or several"
+        found.append(int(hits[0]))
+    tokens = torch.tensor(found)
     order = tokens.argsort()
     return tokens[order].tolist(), keys[0][:, order], values[0][:, order]
 

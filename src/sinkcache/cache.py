@@ -198,7 +198,7 @@ class SinkLayer(CacheLayerMixin):
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
         if self.group is not None:
-            self.group.ahead_start, self.group.sinks_changed = _STALE, True
+            self.group.ahead_start, self.group.swapped = _STALE, None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
@@ -261,7 +261,9 @@ class LayerGroup:
             ahead = first.new_zeros(SINKS_AHEAD, 2 * len(self.layers), *first.shape[1:3], sink_keys.shape[-2],
                                     first.shape[-1])
             self.ahead_start = _STALE  # the rotation-table row of ahead[0]'s first sink
-            self.sinks_changed = True  # the sinks' values in ahead and `swapped` must be made again
+            # the sinks' keys with their rotary halves swapped; None when the sinks changed, so that it and their
+            # values in ahead must be made again
+            self.swapped: torch.Tensor | None = None
         self.ahead, self.ahead_keys = ahead, ahead[:, 0::2, ..., : self.key_dim]
         self.sources = [[placement[rows] for rows in self.rows] for placement in ahead.unbind(0)]  # views, made once
         self.attended: tuple[int, int] | None = None  # the slots of the layers' current views (see attend)
@@ -285,30 +287,33 @@ class LayerGroup:
 
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
         """Put the sinks in buffer slots ``at ..``, rotated to table rows ``row ..``; only ``full_rows`` if given."""
-        sinks = self.sink_keys.shape[-2]
         if full_rows is None:  # the common case: copy keys and values rotated ahead
             if not 0 <= row - self.ahead_start < SINKS_AHEAD:
                 self._place_ahead(row)
-            if self.sink_slots[0] != at:
-                self.sink_slots = at, [unit.narrow(3, at, sinks) for unit in self.units]
-            for slots, source in zip(self.sink_slots[1], self.sources[row - self.ahead_start]):
+            for slots, source in zip(self._sink_slots(at), self.sources[row - self.ahead_start]):
                 slots.copy_(source)
             return
         placed = torch.zeros_like(self.ahead[0])  # this step's keys and values, rows laid out as in the units
-        placed[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, slice(row, row + sinks))
+        rows_of_sinks = slice(row, row + self.sink_keys.shape[-2])
+        placed[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, rows_of_sinks)
         placed[1::2, ..., : self.value_dim] = self.sink_values
         full = full_rows.to(placed.device)[None, :, None, None, None]
-        for unit, rows in zip(self.units, self.rows):
-            stored = unit.narrow(3, at, sinks)
+        for stored, rows in zip(self._sink_slots(at), self.rows):
             stored.copy_(torch.where(full, placed[rows], stored))
+
+    def _sink_slots(self, at: int) -> list[torch.Tensor]:
+        """Every unit's view of the sinks' slots from buffer index ``at``; kept while ``at`` stays (rolling)."""
+        if self.sink_slots[0] != at:
+            self.sink_slots = at, [unit.narrow(3, at, self.sink_keys.shape[-2]) for unit in self.units]
+        return self.sink_slots[1]
 
     def _place_ahead(self, row: int) -> None:
         """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
-        if self.sinks_changed:  # what does not depend on the placement is made once per set of sinks
-            self.swapped = self.table.swap_halves(self.sink_keys)
+        swapped = self.swapped
+        if swapped is None:  # what does not depend on the placement is made once per set of sinks
+            swapped = self.swapped = self.table.swap_halves(self.sink_keys)
             self.ahead[:, 1::2, ..., : self.value_dim] = self.sink_values
-            self.sinks_changed = False
-        self.table.rotate_runs(self.sink_keys, self.swapped, row, out=self.ahead_keys)
+        self.table.rotate_runs(self.sink_keys, swapped, row, out=self.ahead_keys)
         self.ahead_start = row
 
     def unroll(self, start: int, length: int, shift: int) -> None:
@@ -639,9 +644,10 @@ class SinkCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (buffers, the sinks' copies and pre-placed rotations, rotation and
-        position tables), each storage counted once."""
-        tensors = [t for group in self.groups for t in (*group.units, group.sink_keys, group.sink_values, group.ahead)]
+        """Bytes of every tensor the cache holds (buffers, the sinks' copies, pre-placed rotations and swapped halves,
+        rotation and position tables), each storage counted once."""
+        tensors = [t for group in self.groups for t in (*group.units, group.sink_keys, group.sink_values, group.ahead,
+                                                         *([] if group.swapped is None else [group.swapped]))]
         tensors += [t for layer in self.layers if layer.is_initialized and layer.group is None
                     for t in (layer.kv, layer.sink_keys, layer.sink_values)]
         tensors += [t for table in self._tables.values() for t in (table.cos, table.sin, table.partner)]

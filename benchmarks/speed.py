@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from sinkcache import SinkCache, enable_streaming, machine
+from sinkcache import CACHE_KWARG, SinkCache, enable_streaming, machine
 
 REPO = Path(__file__).resolve().parents[1]
 SINKS = 4
@@ -186,15 +186,15 @@ def decode_comparison(model: torch.nn.Module, name: str, window: int, settings: 
     ids = Stream(model.config.vocab_size, window + settings.warmup + settings.runs * settings.tokens + 1, device)
     prompt = ids.take(window)
     sink, dynamic = SinkCache(window, SINKS), DynamicCache()
-    model(input_ids=prompt, cache=sink)
-    model(input_ids=prompt, cache=dynamic, use_cache=True)
+    model(input_ids=prompt, **{CACHE_KWARG: sink})
+    model(input_ids=prompt, **{CACHE_KWARG: dynamic}, use_cache=True)
     history = [prompt]  # the re-computation's input: the last `window` tokens of the stream
 
     def sink_step(token: torch.Tensor) -> None:
-        model(input_ids=token, cache=sink)
+        model(input_ids=token, **{CACHE_KWARG: sink})
 
     def dynamic_step(token: torch.Tensor) -> None:
-        model(input_ids=token, cache=dynamic, use_cache=True)
+        model(input_ids=token, **{CACHE_KWARG: dynamic}, use_cache=True)
 
     def recompute(last: torch.Tensor) -> None:
         model(input_ids=last, use_cache=False, logits_to_keep=1)
@@ -280,7 +280,7 @@ def stream_latency(model: torch.nn.Module, settings: StreamSettings, device: tor
     start = time.perf_counter()
     for t in range(1, settings.tokens + 1):
         token = ids.next()
-        block.append(timed(device, model, input_ids=token, cache=cache))
+        block.append(timed(device, model, input_ids=token, **{CACHE_KWARG: cache}))
         if t == settings.early:
             early_snapshot = copy.deepcopy(cache)  # a cache exactly as it is after `early` tokens
         if t == settings.memory_from:
@@ -300,7 +300,7 @@ def stream_latency(model: torch.nn.Module, settings: StreamSettings, device: tor
             token = ids.next()
             pair = ((late_times, cache), (early_times, young))
             for times, which in pair if (i + run) % 2 == 0 else pair[::-1]:
-                times.append(timed(device, model, input_ids=token, cache=which))
+                times.append(timed(device, model, input_ids=token, **{CACHE_KWARG: which}))
         late, early = summary(late_times), summary(early_times)
         runs.append({"late": late, "early": early,
                      "latency_ratio_late_vs_early": late["ms_median"] / early["ms_median"],
@@ -331,7 +331,7 @@ def dynamic_stream(model: torch.nn.Module, settings: StreamSettings, device: tor
     cache, curve, block = DynamicCache(), [], []
     for t in range(1, settings.dynamic_tokens + 1):
         token = ids.next()
-        block.append(timed(device, model, input_ids=token, cache=cache, use_cache=True))
+        block.append(timed(device, model, input_ids=token, **{CACHE_KWARG: cache}, use_cache=True))
         if t % settings.block == 0:
             curve.append(curve_point(t, block, cache, device))
             block = []
@@ -382,15 +382,15 @@ def compile_study(name: str, window: int, tokens: int, runs: int, device: torch.
         model = separate[label] if own_model else eager_model
         if static is None:  # W tokens cached; each step adds one, cropped again outside the timing
             cache: Any = DynamicCache()
-            model(input_ids=prefill[:, -window:], cache=cache)
+            model(input_ids=prefill[:, -window:], **{CACHE_KWARG: cache})
         else:
             cache = SinkCache(window, SINKS, static_shapes=static)
             for start in range(0, prefill.shape[1], window):
-                model(input_ids=prefill[:, start : start + window], cache=cache)
+                model(input_ids=prefill[:, start : start + window], **{CACHE_KWARG: cache})
         began = time.perf_counter()
         call = wrap(model)
         for i in range(COMPILE_WARMUP):
-            call(input_ids=warmup[:, i : i + 1], cache=cache)
+            call(input_ids=warmup[:, i : i + 1], **{CACHE_KWARG: cache})
             if isinstance(cache, DynamicCache):
                 cache.crop(-1)
         result["ways"][label] = {"warmup_s": time.perf_counter() - began}
@@ -405,7 +405,7 @@ def compile_study(name: str, window: int, tokens: int, runs: int, device: torch.
             shift = (i + run) % len(order)
             for label in order[shift:] + order[:shift]:
                 call, cache = ways[label]
-                times[label].append(timed(device, call, input_ids=token, cache=cache))
+                times[label].append(timed(device, call, input_ids=token, **{CACHE_KWARG: cache}))
                 if isinstance(cache, DynamicCache):
                     cache.crop(-1)
         stats = {label: summary(seconds) for label, seconds in times.items()}

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 import sinkcache.patch
-from sinkcache import SinkCache, enable_streaming
+from sinkcache import CACHE_KWARG, SinkCache, enable_streaming
 from sinkcache.cache import SinkLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,9 +63,9 @@ def profile(window: int, steps: int) -> dict[str, float]:
     model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
     ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
     sink, dynamic = SinkCache(window, SINKS), DynamicCache()
-    model(input_ids=ids[:, :window], cache=sink)
-    model(input_ids=ids[:, 64:], cache=sink)  # past the window: every step evicts
-    model(input_ids=ids[:, -window:], cache=dynamic)
+    model(input_ids=ids[:, :window], **{CACHE_KWARG: sink})
+    model(input_ids=ids[:, 64:], **{CACHE_KWARG: sink})  # past the window: every step evicts
+    model(input_ids=ids[:, -window:], **{CACHE_KWARG: dynamic})
     originals = (sinkcache.patch._positions_for_step, SinkLayer.update, DynamicLayer.update)
     sinkcache.patch._positions_for_step = timer.wrap("plan", originals[0])
     SinkLayer.update = timer.wrap("update", originals[1])  # type: ignore[method-assign]
@@ -78,7 +78,7 @@ def profile(window: int, steps: int) -> dict[str, float]:
             for name, cache in pair if step % 2 == 0 else pair[::-1]:
                 timer.spent = {}
                 start = time.perf_counter()
-                model(input_ids=token, cache=cache)
+                model(input_ids=token, **{CACHE_KWARG: cache})
                 samples.setdefault(f"{name} step", []).append(time.perf_counter() - start)
                 for label, seconds in timer.spent.items():
                     samples.setdefault(f"{name} {label}", []).append(seconds)

@@ -19,7 +19,7 @@ import time
 import torch
 from _common import add_model_arguments, load, memory_line
 
-from sinkcache import SinkCache, enable_streaming, offline
+from sinkcache import CACHE_KWARG, SinkCache, enable_streaming, offline
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     with torch.no_grad():
         for begin in range(0, document.shape[1], args.chunk):
             chunk = document[:, begin : begin + args.chunk]
-            logits = model(input_ids=chunk, cache=cache).logits[0].float()
+            logits = model(input_ids=chunk, **{CACHE_KWARG: cache}).logits[0].float()
             predicting = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
             targets = chunk[0, 1:] if previous is None else chunk[0]
             nll += torch.nn.functional.cross_entropy(predicting, targets, reduction="sum").item()

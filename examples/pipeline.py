@@ -28,6 +28,8 @@ def main() -> None:
     model, tokenizer = load(args)
     enable_streaming(model, args.window, args.sinks)
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left (SinkCache refuses right padding)
+    if tokenizer.pad_token is None:  # the pipeline pads batches itself only on transformers 5.x releases after 5.0
+        tokenizer.pad_token = tokenizer.eos_token
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, return_full_text=False)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkcache import SinkCache, enable_streaming
+from sinkcache import CACHE_KWARG, SinkCache, enable_streaming
 from tests.zoo import tiny_model
 
 WINDOW, SINKS = 16, 4  # slack 16: a compaction every 16 steps and a re-base every ~32 in a 100-step stream
@@ -24,9 +24,9 @@ def stream(model, cache: SinkCache, step_fn) -> tuple[torch.Tensor, list[int]]:
     tokens = torch.randint(3, 97, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(0))
     logits, graphs = [], []
     with torch.no_grad():
-        model(input_ids=tokens[:, :PROMPT], cache=cache)
+        model(input_ids=tokens[:, :PROMPT], **{CACHE_KWARG: cache})
         for t in range(PROMPT, PROMPT + STEPS):
-            logits.append(step_fn(input_ids=tokens[:, t : t + 1], cache=cache).logits[0, -1])
+            logits.append(step_fn(input_ids=tokens[:, t : t + 1], **{CACHE_KWARG: cache}).logits[0, -1])
             graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     return torch.stack(logits), graphs
 
@@ -47,10 +47,10 @@ def test_only_break_is_the_planning_hook():
     model = enable_streaming(tiny_model("llama"), WINDOW, SINKS)
     cache = SinkCache(WINDOW, SINKS, static_shapes=True)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 97, (1, 40)), cache=cache)
+        model(input_ids=torch.randint(3, 97, (1, 40)), **{CACHE_KWARG: cache})
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        torch.compile(model, backend="eager", dynamic=False)(input_ids=torch.tensor([[5]]), cache=cache)
+        torch.compile(model, backend="eager", dynamic=False)(input_ids=torch.tensor([[5]]), **{CACHE_KWARG: cache})
     reasons = list(torch._dynamo.utils.counters["graph_break"])
     assert reasons and all("_positions_for_step" in reason for reason in reasons), reasons
 
@@ -79,7 +79,7 @@ def test_compiled_generate_with_static_shapes_equals_eager():
     assert torch.equal(model.generate(prompt, max_new_tokens=60, do_sample=False, cache=cache), default)
     assert cache.layers[0].keys.shape[-2] == WINDOW + cache.slack
     seen = []  # the cache generate() brings itself, from enable_streaming's settings
-    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["cache"]),
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs[CACHE_KWARG]),
                                                  with_kwargs=True)
     assert torch.equal(model.generate(prompt, max_new_tokens=60, do_sample=False), default)
     hook.remove()

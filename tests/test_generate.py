@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sinkcache import NotEnabledError, SinkCache, UnsupportedModelError, disable_streaming, enable_streaming
+from sinkcache import (
+    CACHE_KWARG,
+    NotEnabledError,
+    SinkCache,
+    UnsupportedModelError,
+    disable_streaming,
+    enable_streaming,
+)
 from tests.oracle import contract_visible, oracle_logits
 from tests.zoo import tiny_model
 
@@ -58,7 +65,7 @@ def test_multi_turn_keeps_sinks_and_positions():
 def test_window_larger_than_stream_equals_dynamic_cache():
     model = tiny_model("qwen3")
     prompt = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(4))
-    dense = greedy(model, prompt, 30, cache=DynamicCache())
+    dense = greedy(model, prompt, 30, **{CACHE_KWARG: DynamicCache()})
     enable_streaming(model, window_length=64, num_sink_tokens=4)
     streamed = greedy(model, prompt, 30)
     assert torch.equal(dense.sequences, streamed.sequences)
@@ -70,7 +77,7 @@ def test_beam_search_equals_dynamic_cache_when_nothing_is_evicted():
     model.generation_config.eos_token_id = None
     prompt = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(5))
     kwargs = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False)
-    dense = model.generate(prompt, cache=DynamicCache(), **kwargs)
+    dense = model.generate(prompt, **{CACHE_KWARG: DynamicCache()}, **kwargs)
     enable_streaming(model, window_length=64, num_sink_tokens=4)
     assert torch.equal(dense, model.generate(prompt, **kwargs))
 
@@ -117,7 +124,7 @@ def test_five_thousand_steps_at_constant_size_and_memory():
     sizes, shapes = {}, set()
     with torch.no_grad():
         for t in range(5000):
-            logits = model(input_ids=tokens[:, t : t + 1], cache=cache).logits
+            logits = model(input_ids=tokens[:, t : t + 1], **{CACHE_KWARG: cache}).logits
             assert torch.isfinite(logits).all()
             if t >= 100:
                 shapes.add(tuple(cache.layers[0].keys.shape))
@@ -132,7 +139,7 @@ def test_five_thousand_steps_at_constant_size_and_memory():
 def test_sink_cache_on_a_model_that_was_not_enabled_raises():
     model = tiny_model("llama")
     with pytest.raises(NotEnabledError, match="enable_streaming"):
-        model(input_ids=torch.tensor([[5, 6, 7]]), cache=SinkCache(8, 2))
+        model(input_ids=torch.tensor([[5, 6, 7]]), **{CACHE_KWARG: SinkCache(8, 2)})
     with pytest.raises(NotEnabledError, match="enable_streaming"):
         model.generate(torch.tensor([[5, 6, 7]]), cache=SinkCache(8, 2), max_new_tokens=3)
 
@@ -148,7 +155,7 @@ def test_length_dependent_rope_must_stay_below_its_original_context():
         enable_streaming(model, window_length=128)
     enable_streaming(model, window_length=100, num_sink_tokens=4)
     with pytest.raises(ValueError, match="exceed 128"):
-        model(input_ids=torch.randint(3, 97, (1, 40)), cache=SinkCache(100, 4))
+        model(input_ids=torch.randint(3, 97, (1, 40)), **{CACHE_KWARG: SinkCache(100, 4)})
 
 
 def test_interleaved_rope_is_refused_by_the_probe(monkeypatch):
@@ -202,6 +209,6 @@ def test_accelerate_offloaded_layers(tmp_path):
         enable_streaming(model, WINDOW, SINKS)
         cache = SinkCache(WINDOW, SINKS)
         with torch.no_grad():
-            logits.append(torch.cat([model(input_ids=tokens[:, t : t + 1], cache=cache).logits
+            logits.append(torch.cat([model(input_ids=tokens[:, t : t + 1], **{CACHE_KWARG: cache}).logits
                                      for t in range(40)], dim=1))
     assert (logits[0] - logits[1]).abs().max() < 1e-4

@@ -35,11 +35,13 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                               layer_types=["sliding_attention", "full_attention"])),
     "gemma3": ("gemma3_text", dict(num_key_value_heads=2, head_dim=16, sliding_window=14,
                                    layer_types=["sliding_attention", "full_attention"])),
-    "phi3": ("phi3", dict(num_key_value_heads=2, original_max_position_embeddings=512,
+    # phi3: partial_rotary_factor also at the top level, where transformers 5.0 reads it
+    "phi3": ("phi3", dict(num_key_value_heads=2, original_max_position_embeddings=512, partial_rotary_factor=0.5,
                           rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
-    "phi3-longrope": ("phi3", dict(num_key_value_heads=2, original_max_position_embeddings=128, rope_parameters=dict(
-        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=128,
-        short_factor=[1.0 + i / 8 for i in range(4)], long_factor=[2.0 + i for i in range(4)]))),
+    "phi3-longrope": ("phi3", dict(
+        num_key_value_heads=2, original_max_position_embeddings=128, partial_rotary_factor=0.5, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=128,
+            short_factor=[1.0 + i / 8 for i in range(4)], long_factor=[2.0 + i for i in range(4)]))),
     "gpt_neox": ("gpt_neox", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                        partial_rotary_factor=0.25))),
     "olmo2": ("olmo2", dict(num_key_value_heads=2)),

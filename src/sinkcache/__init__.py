@@ -8,13 +8,17 @@ positions assigned inside the cache, so a causal LM streams indefinitely at cons
     >>> model.generate(input_ids, max_new_tokens=100_000)
 """
 
+from . import compat
 from .cache import NotEnabledError, SinkCache
+from .compat import CACHE_KWARG
 from .patch import disable_streaming, enable_streaming, is_streaming
 from .rotary import UnsupportedModelError
 
 __version__ = "0.1.0"
 __all__ = [
     "SinkCache",
+    "CACHE_KWARG",
+    "compat",
     "enable_streaming",
     "disable_streaming",
     "is_streaming",

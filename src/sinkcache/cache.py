@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import compat
 from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
@@ -208,6 +209,9 @@ class SinkLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1  # the stream is unbounded; what is kept is bounded by window_length
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.13
+        return -1
 
     def reset(self) -> None:
         self.__init__(self.parent, self.layer_idx)  # type: ignore[misc]  # back to the lazy, empty state
@@ -398,6 +402,7 @@ class SinkCache(Cache):
         self.base = 0
         self.offset = 0
         self.plan: StepPlan | None = None
+        self.stepping = False  # from begin_step until end_step: the model's forward of the planned step runs
         # rolling in place: (buffer index of the region, stream slot of the token stored first in its ring)
         self.ring: tuple[int, int] | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
@@ -515,7 +520,7 @@ class SinkCache(Cache):
                 group.attend(lo, now + n - lo)
         for layer in self.layers:
             layer.pending = True
-        self.base, self.seen = base, t + n
+        self.base, self.seen, self.stepping = base, t + n, True
 
         position_ids = self._arange(t - self.offset, t + n - self.offset, device)
         if batch > 1:
@@ -622,12 +627,19 @@ class SinkCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens fed so far (padding columns included); the cache itself holds at most ``window_length``."""
+        """Tokens fed so far (padding columns included); the cache itself holds at most ``window_length``.
+
+        While a step runs on a transformers whose causal mask reads its query index from here (5.4-5.13), this is
+        the query's buffer index instead, what ``get_query_offset`` says on later releases (see ``compat``).
+        """
+        if self.stepping and compat.QUERY_OFFSET_FROM_SEQ_LENGTH:
+            return self.get_query_offset()  # type: ignore[return-value]  # a tensor with static shapes, as StaticCache's
         return self.seen
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int) -> tuple[int, int]:
         if self.plan is None:  # before any step (e.g. generate probing a fresh cache)
-            return query_length, 0
+            # transformers 5.0-5.3 pass the query's cache_position tensor instead of its length
+            return (query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length), 0
         return self.mask_sizes()
 
     def get_query_offset(self, layer_idx: int = 0) -> int | torch.Tensor:  # type: ignore[override]
@@ -641,6 +653,16 @@ class SinkCache(Cache):
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
+
+    def query_indices(self, device: torch.device) -> torch.Tensor:
+        """The new tokens' indices in the causal mask (``get_query_offset`` onwards): the ``cache_position`` that
+        transformers 5.0-5.3 build their mask from."""
+        assert self.plan is not None
+        return self.plan.query_offset + torch.arange(self.plan.num_new, device=device)
+
+    def end_step(self) -> None:
+        """The model's forward of the planned step has returned (called by the hook where ``compat`` needs it)."""
+        self.stepping = False
 
     @property
     def nbytes(self) -> int:

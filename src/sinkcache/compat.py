@@ -1,17 +1,29 @@
 """The installed transformers, described by feature: every place where sinkcache depends on its 5.x release.
 
-transformers 5 changed its cache plumbing several times. Each fact below is detected from the installed code (a
-signature, an attribute), never from a version string, and the rest of sinkcache reads only these names:
+transformers 5 changed its cache plumbing three times. sinkcache supports every release from 5.0; each fact below is
+detected from the installed code (a signature, an attribute), never from a version string, and the rest of sinkcache
+reads only these names. The releases in brackets are where each fact was seen to change.
 
-* ``CACHE_KWARG``: the keyword that carries a cache into a model's forward and ``generate()``: ``"cache"`` from 5.24,
-  ``"past_key_values"`` before. A model ignores the other one (its ``**kwargs`` swallow it).
-* ``cache_keyword(module)``: the same, read from one module's own ``forward`` (remote code may differ).
+* The keyword that carries a cache into a model's forward and ``generate()``: ``cache`` [5.24 on] or
+  ``past_key_values`` [5.0-5.23]. A model silently ignores the other one (its ``**kwargs`` swallow it), so the hook
+  refuses a SinkCache passed under it (``cache_keyword``, ``CACHE_KWARG``).
+* Where the causal mask takes its query indices from:
+  - the model's ``cache_position`` argument [5.0-5.3]: the hook passes the new tokens' buffer indices
+    (``takes_cache_position``);
+  - ``Cache.get_seq_length()`` read during the forward [5.4-5.13]: a SinkCache answers with the query's buffer index
+    while a step runs (``QUERY_OFFSET_FROM_SEQ_LENGTH``);
+  - ``Cache.get_query_offset()`` [5.14 on].
+* Models that still build their causal mask themselves (``_update_causal_mask``, 28 architectures in 5.0-5.1,
+  Falcon among them) cannot take the static-shape layout's mask (``builds_legacy_mask``): that is refused.
+* The abstract methods of ``CacheLayerMixin``: ``get_max_cache_shape`` [5.0-5.12] or ``get_max_length`` [5.13 on];
+  ``SinkLayer`` implements both, and ``tests/test_compat.py`` checks that it leaves none abstract.
 """
 
 from __future__ import annotations
 
 import inspect
 
+from transformers.cache_utils import Cache
 from transformers.models.llama import modeling_llama
 
 
@@ -32,5 +44,34 @@ def cache_keyword(module: object) -> str | None:
     return _keyword(forward_parameters(module))
 
 
+def takes_cache_position(module: object) -> bool:
+    """Whether ``module``'s forward takes ``cache_position``, from which its causal mask reads the query indices."""
+    return "cache_position" in forward_parameters(module)
+
+
+def builds_legacy_mask(module: object) -> bool:
+    """Whether ``module`` builds its 4D causal mask itself from ``cache_position`` (transformers' pre-5 way)."""
+    return hasattr(module, "_update_causal_mask")
+
+
 #: The keyword transformers' own models take their cache by (Llama stands for all of them: they move together).
-CACHE_KWARG: str = _keyword(list(inspect.signature(modeling_llama.LlamaModel.forward).parameters)) or "cache"
+CACHE_KWARG: str = _keyword(forward_parameters(modeling_llama.LlamaModel)) or "cache"
+
+#: Whether the causal mask reads the query's index from ``Cache.get_seq_length()`` (no ``get_query_offset`` yet).
+QUERY_OFFSET_FROM_SEQ_LENGTH: bool = not hasattr(Cache, "get_query_offset")
+
+
+def wrong_keyword_message(keyword: str) -> str:
+    """The error for a SinkCache passed as ``cache=`` to a model that takes ``keyword`` and would ignore it."""
+    return (
+        f"This model takes its cache as `{keyword}=`; it would silently ignore `cache=` (a keyword transformers "
+        f"accepts from 5.24 on) and run without the SinkCache. Pass `{keyword}=cache`, or use "
+        "`**{sinkcache.CACHE_KWARG: cache}`, which names the right keyword on every transformers 5.x."
+    )
+
+
+LEGACY_MASK_STATIC = (
+    "SinkCache(static_shapes=True) needs transformers' shared mask functions, but this model builds its causal mask "
+    "itself on the installed transformers (it has `_update_causal_mask`; transformers 5.2 and later removed those). "
+    "Use static_shapes=False, or upgrade transformers."
+)

@@ -15,7 +15,6 @@ positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE)
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from . import compat
 from .cache import SinkCache
 from .rotary import RopeSpec, UnsupportedModelError, read_rope_spec, rotate
 
@@ -37,7 +37,7 @@ class _Streaming:
     prefill_chunk_size: int
     static_shapes: bool
     rope: RopeSpec
-    hook: torch.utils.hooks.RemovableHandle
+    hooks: list[torch.utils.hooks.RemovableHandle]
     had_own_generate: bool
     own_generate: Any
 
@@ -74,6 +74,8 @@ def enable_streaming(
         UnsupportedModelError: the model's positions cannot be shifted inside a cache; the message says why.
     """
     SinkCache(window_length, num_sink_tokens, static_shapes=static_shapes)  # validates with the cache's messages
+    if static_shapes and compat.builds_legacy_mask(getattr(model, "base_model", model)):
+        raise ValueError(compat.LEGACY_MASK_STATIC)
     chunk = window_length if prefill_chunk_size is None else prefill_chunk_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
@@ -87,26 +89,41 @@ def enable_streaming(
         )
     _verify_rotation(model, rope)
     decoder = getattr(model, "base_model", model)
-    names = list(inspect.signature(decoder.forward).parameters)
+    names = compat.forward_parameters(decoder)
+    keyword = compat.cache_keyword(decoder)
+    if keyword is None:
+        raise UnsupportedModelError(f"{type(decoder).__name__}.forward takes no cache (neither `cache` nor "
+                                    "`past_key_values`), so it cannot stream with a SinkCache.")
+    with_cache_position = compat.takes_cache_position(decoder)
+    legacy_mask = compat.builds_legacy_mask(decoder)
 
     def position_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = kwargs.get("cache")
-        if cache is None:
-            cache = kwargs.get("past_key_values")
-            if cache is None and args:
-                bound = dict(zip(names, args))
-                cache = bound.get("cache", bound.get("past_key_values"))
-        if not isinstance(cache, SinkCache):
-            return None
         if args:
             kwargs = {**dict(zip(names, args)), **kwargs}
+        cache = kwargs.get(keyword)
+        if keyword == "cache" and cache is None:  # the deprecated name, which the model itself still renames
+            cache = kwargs.pop("past_key_values", None)
+        if not isinstance(cache, SinkCache):
+            if keyword != "cache" and isinstance(kwargs.get("cache"), SinkCache):
+                raise TypeError(compat.wrong_keyword_message(keyword))
+            return None
+        kwargs[keyword] = cache
+        if legacy_mask and cache.static_shapes:
+            raise ValueError(compat.LEGACY_MASK_STATIC)
         positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
-        return (), positions_for_step(cache, kwargs, rope)
+        return (), positions_for_step(cache, kwargs, rope, with_cache_position, legacy_mask)
 
+    def step_done_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = kwargs.get(keyword)
+        if isinstance(cache, SinkCache):
+            cache.end_step()
+
+    hooks = [decoder.register_forward_pre_hook(position_hook, with_kwargs=True)]
+    if compat.QUERY_OFFSET_FROM_SEQ_LENGTH:  # the cache must know when the step's forward is over (see compat)
+        hooks.append(decoder.register_forward_hook(step_done_hook, with_kwargs=True))
     own = model.__dict__.get("generate")
     _ENABLED[model] = _Streaming(
-        window_length, num_sink_tokens, chunk, static_shapes, rope,
-        decoder.register_forward_pre_hook(position_hook, with_kwargs=True), "generate" in model.__dict__, own,
+        window_length, num_sink_tokens, chunk, static_shapes, rope, hooks, "generate" in model.__dict__, own,
     )
     model.__dict__["generate"] = _streaming_generate(model)  # an instance attribute shadows the method
     return model
@@ -117,7 +134,8 @@ def disable_streaming(model: PreTrainedModel) -> PreTrainedModel:
     state = _ENABLED.pop(model, None)
     if state is None:
         return model
-    state.hook.remove()
+    for hook in state.hooks:
+        hook.remove()
     if state.had_own_generate:
         model.__dict__["generate"] = state.own_generate
     else:
@@ -130,8 +148,14 @@ def is_streaming(model: nn.Module) -> bool:
     return model in _ENABLED
 
 
-def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
-    """Plan the cache's next step and put its positions and slot mask into the forward's kwargs."""
+def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, with_cache_position: bool,
+                        legacy_mask: bool) -> dict:
+    """Plan the cache's next step and put its positions and slot mask into the forward's kwargs.
+
+    For a decoder whose causal mask reads its query indices from ``cache_position`` (transformers 5.0-5.3), that is
+    the new tokens' buffer indices; for one that also builds the mask itself (``compat.builds_legacy_mask``), their
+    indices among the attended keys, with the slot mask cut to those keys.
+    """
     inputs = kwargs.get("input_ids")
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")
@@ -146,6 +170,12 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
         )
     position_ids, slot_mask = cache.begin_step(batch, n, None if mask is None else mask[:, -n:], rope, inputs.device)
     kwargs["position_ids"] = position_ids
+    if with_cache_position:
+        queries = cache.query_indices(inputs.device)
+        if legacy_mask:  # its mask's columns are the attended keys, from the first: count from there
+            first = cache.mask_sizes()[1]
+            queries, slot_mask = queries - first, None if slot_mask is None else slot_mask[:, first:]
+        kwargs["cache_position"] = queries
     kwargs["attention_mask"] = None if slot_mask is None else slot_mask.to(inputs.device)
     return kwargs
 
@@ -158,14 +188,18 @@ _positions_for_step_outside_graph = torch.compiler.disable(_positions_for_step)
 def _streaming_generate(model: PreTrainedModel) -> Callable[..., Any]:
     """``model.generate`` that brings its own SinkCache and prefills in chunks."""
     original = model.generate
+    key = compat.cache_keyword(model) or compat.CACHE_KWARG
+    keywords = key, "past_key_values" if key == "cache" else "cache"
 
     def generate(*args: Any, **kwargs: Any):
         state = _ENABLED[model]
-        if "past_key_values" in kwargs and "cache" not in kwargs:
-            kwargs["cache"] = kwargs.pop("past_key_values")
-        if kwargs.get("cache") is None and kwargs.get("use_cache", True) is not False:
-            kwargs["cache"] = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
-        if isinstance(kwargs.get("cache"), SinkCache) and "prefill_chunk_size" not in kwargs:
+        # generate() takes the cache by the keyword of the model's forward; either name is accepted here
+        key, other = keywords
+        if other in kwargs and key not in kwargs:
+            kwargs[key] = kwargs.pop(other)
+        if kwargs.get(key) is None and kwargs.get("use_cache", True) is not False:
+            kwargs[key] = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
+        if isinstance(kwargs.get(key), SinkCache) and "prefill_chunk_size" not in kwargs:
             config = kwargs.get("generation_config") or model.generation_config
             if getattr(config, "prefill_chunk_size", None) is None:
                 kwargs["prefill_chunk_size"] = state.prefill_chunk_size
@@ -185,14 +219,23 @@ def _verify_rotation(model: PreTrainedModel, rope: RopeSpec) -> None:
     weight = next(model.get_input_embeddings().parameters())
     device = weight.device if weight.device.type != "meta" else torch.device("cpu")
     token = torch.tensor([[min(100, config.vocab_size - 1)]], device=device)
+    keyword = compat.cache_keyword(model)
+    if keyword is None:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward takes no cache (neither `cache` nor "
+                                    "`past_key_values`), so it cannot stream with a SinkCache.")
     keys = []
     with torch.no_grad():
         for position in (0, _PROBE_DISTANCE):
             cache = DynamicCache()
-            model(input_ids=token, position_ids=torch.tensor([[position]], device=device), cache=cache,
-                  use_cache=True)
+            model(input_ids=token, position_ids=torch.tensor([[position]], device=device), use_cache=True,
+                  **{keyword: cache})
             keys.append([layer.keys.float() for layer in cache.layers
                          if isinstance(layer, DynamicLayer) and layer.keys is not None])
+    if not keys[0]:  # the model dropped the cache: comparing no keys would accept anything
+        raise UnsupportedModelError(
+            f"{type(model).__name__} stored no keys in the cache it was given as `{keyword}=`, so sinkcache cannot "
+            "verify its rotary embedding. Custom models must pass their cache to every attention layer."
+        )
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
     model_type = getattr(config, "model_type", type(model).__name__)
     for layer_idx, (at_zero, at_d) in enumerate(zip(*keys)):

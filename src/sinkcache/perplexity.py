@@ -47,6 +47,7 @@ from transformers import PreTrainedModel
 
 from . import __version__, machine, offline
 from .cache import SinkCache
+from .compat import CACHE_KWARG
 from .patch import disable_streaming, enable_streaming
 from .rotary import UnsupportedModelError
 
@@ -157,7 +158,7 @@ def stream_nll(model: PreTrainedModel, tokens: torch.Tensor, cache: Any, chunk_s
     nll = torch.empty(len(targets), dtype=torch.float64)
     for start in range(0, len(inputs), chunk_size):
         stop = min(start + chunk_size, len(inputs))
-        logits = model(input_ids=inputs[None, start:stop], cache=cache, use_cache=True).logits[0]
+        logits = model(input_ids=inputs[None, start:stop], **{CACHE_KWARG: cache}, use_cache=True).logits[0]
         nll[start:stop] = token_nll(logits, targets[start:stop])
         if progress is not None:
             progress.update(stop - start)

@@ -1,0 +1,126 @@
+"""Run sinkcache's core tests on every transformers 5.x minor release and write the README's compatibility table.
+
+    python scripts/compat_matrix.py                      # every 5.x minor (its newest patch), from PyPI
+    python scripts/compat_matrix.py --versions 5.0.0,5.24.0
+
+Run it from an environment that has torch and the test tools (``pip install -e ".[test]"``): each release gets a
+virtual environment of its own under ``--venvs`` (kept between runs) in which pip installs that transformers with
+the dependencies it asks for; torch, pytest and the rest come from the running environment through a ``.pth`` file
+placed after the venv's own packages, so torch is not installed 25 times. The tests import sinkcache from ``src/``.
+
+Writes ``docs/compat/results.json`` and the table between the ``compat-matrix`` markers of README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE_TESTS = ["tests/test_compat.py", "tests/test_positions.py", "tests/test_generate.py"]
+START, END = "<!-- compat-matrix:start -->", "<!-- compat-matrix:end -->"
+
+
+def newest_patch_of_each_minor() -> list[str]:
+    """Every released transformers 5.x, one per minor release (its newest patch), oldest first, from the index."""
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], check=True,
+                         capture_output=True, text=True).stdout
+    listed = re.search(r"Available versions: (.*)", out)
+    if listed is None:
+        raise SystemExit(f"pip index versions transformers printed no versions:\n{out}")
+    newest: dict[tuple[int, int], tuple[int, ...]] = {}
+    for text in listed.group(1).split(", "):
+        if re.fullmatch(r"5\.\d+\.\d+", text):
+            release = tuple(int(part) for part in text.split("."))
+            newest[release[:2]] = max(newest.get(release[:2], release), release)
+    return [".".join(map(str, newest[minor])) for minor in sorted(newest)]
+
+
+def prepare_venv(version: str, venvs: Path) -> Path:
+    """A venv with ``transformers==version`` and its dependencies; the running environment's packages after them."""
+    venv = venvs / f"transformers-{version}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        Path(purelib, "zz_sinkcache_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    f"transformers=={version}"], check=True)
+    return python
+
+
+def summary(output: str) -> dict[str, int]:
+    """pytest's closing counts (passed, failed, skipped, errors...) from its last line."""
+    last = output.strip().splitlines()[-1] if output.strip() else ""
+    return {word: int(count) for count, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed)", last)}
+
+
+def run_release(version: str, venvs: Path, tests: list[str]) -> dict:
+    started = time.time()
+    try:
+        python = prepare_venv(version, venvs)
+    except subprocess.CalledProcessError as error:
+        return {"version": version, "result": "install failed", "detail": str(error), "counts": {}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    counts = summary(done.stdout)
+    failed = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("FAILED ")]
+    result = "pass" if done.returncode == 0 else "fail"
+    return {"version": version, "result": result, "counts": counts, "failed": failed[:20],
+            "seconds": round(time.time() - started, 1)}
+
+
+def table(results: list[dict], tests: list[str]) -> str:
+    rows = ["| transformers | result | passed | skipped | failed |", "|---|---|---:|---:|---:|"]
+    for r in results:
+        c = r["counts"]
+        mark = {"pass": "✓ pass", "fail": "✗ fail"}.get(r["result"], r["result"])
+        rows.append(f"| {r['version']} | {mark} | {c.get('passed', 0)} | {c.get('skipped', 0)} | "
+                    f"{c.get('failed', 0) + c.get('error', 0) + c.get('errors', 0)} |")
+    names = ", ".join(f"`{Path(t).name}`" for t in tests)
+    return "\n".join(rows) + f"\n\nTests run on each release: {names}."
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    if START not in content or END not in content:
+        raise SystemExit(f"README.md has no {START} ... {END} markers")
+    head, rest = content.split(START, 1)
+    readme.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--versions", help="comma-separated releases (default: newest patch of every 5.x minor)")
+    parser.add_argument("--venvs", type=Path, default=ROOT / ".compat", help="where the per-release venvs live")
+    parser.add_argument("--tests", nargs="+", default=CORE_TESTS)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "compat" / "results.json")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    args = parser.parse_args(argv)
+    versions = args.versions.split(",") if args.versions else newest_patch_of_each_minor()
+    args.venvs.mkdir(parents=True, exist_ok=True)
+    results = []
+    for version in versions:
+        results.append(run_release(version, args.venvs, args.tests))
+        r = results[-1]
+        print(f"transformers {version}: {r['result']} {r['counts']} ({r.get('seconds', '-')} s)", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # written after every release: a long run is resumable
+        args.out.write_text(json.dumps({"python": sys.version.split()[0], "tests": args.tests, "results": results},
+                                       indent=1) + "\n")
+    if not args.no_readme:
+        write_readme(table(results, args.tests))
+    return 0 if all(r["result"] == "pass" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

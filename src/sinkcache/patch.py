@@ -8,6 +8,9 @@ Two things are installed, both removed exactly by ``disable_streaming``:
 2. an instance-level ``generate`` that creates a fresh ``SinkCache`` per call unless the caller passes one, and
    prefills long prompts in chunks so memory is bounded by the cache size.
 
+Both are objects that serve only their own model: ``copy.deepcopy(model)`` gives a copy that is not streaming (its
+copied hook passes every call through, its copied ``generate`` runs the copy's plain one) until it is enabled.
+
 Before installing anything, the model's rotation is verified empirically: one token is run at two positions and
 every layer's keys must differ by exactly the rotation sinkcache would apply. A model whose keys do not (learned
 positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE) is refused with the reason.
@@ -16,8 +19,8 @@ positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE)
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +29,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from .cache import SinkCache
+from . import compat
+from .cache import GRAD_MODE, SinkCache
 from .rotary import RopeSpec, UnsupportedModelError, read_rope_spec, rotate
 
 
@@ -70,15 +74,21 @@ def enable_streaming(
         static_shapes: give ``generate``'s caches static shapes (``SinkCache(..., static_shapes=True)``), so that
             the decode step of a compiled model (``torch.compile``) compiles once.
 
+    Per call, ``generate(..., cache_implementation=...)`` or a cache that is not a ``SinkCache`` opts out of
+    streaming (see ``_StreamingGenerate``). ``copy.deepcopy`` of an enabled model is not enabled.
+
     Raises:
         UnsupportedModelError: the model's positions cannot be shifted inside a cache; the message says why.
+        ValueError: the model's weights are on the meta device (not loaded yet), or an argument is invalid.
     """
     SinkCache(window_length, num_sink_tokens, static_shapes=static_shapes)  # validates with the cache's messages
+    _require_real_weights(model)
     chunk = window_length if prefill_chunk_size is None else prefill_chunk_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
     if model in _ENABLED:
         disable_streaming(model)
+    _remove_copied(model)
     rope = read_rope_spec(model)
     if rope.max_position is not None and window_length >= rope.max_position:
         raise ValueError(
@@ -87,28 +97,10 @@ def enable_streaming(
         )
     _verify_rotation(model, rope)
     decoder = getattr(model, "base_model", model)
-    names = list(inspect.signature(decoder.forward).parameters)
-
-    def position_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = kwargs.get("cache")
-        if cache is None:
-            cache = kwargs.get("past_key_values")
-            if cache is None and args:
-                bound = dict(zip(names, args))
-                cache = bound.get("cache", bound.get("past_key_values"))
-        if not isinstance(cache, SinkCache):
-            return None
-        if args:
-            kwargs = {**dict(zip(names, args)), **kwargs}
-        positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
-        return (), positions_for_step(cache, kwargs, rope)
-
-    own = model.__dict__.get("generate")
-    _ENABLED[model] = _Streaming(
-        window_length, num_sink_tokens, chunk, static_shapes, rope,
-        decoder.register_forward_pre_hook(position_hook, with_kwargs=True), "generate" in model.__dict__, own,
-    )
-    model.__dict__["generate"] = _streaming_generate(model)  # an instance attribute shadows the method
+    had_own, own = "generate" in model.__dict__, model.__dict__.get("generate")
+    hook = decoder.register_forward_pre_hook(_PositionHook(decoder, rope), with_kwargs=True)
+    _ENABLED[model] = _Streaming(window_length, num_sink_tokens, chunk, static_shapes, rope, hook, had_own, own)
+    model.__dict__["generate"] = _StreamingGenerate(model, had_own, own)  # an instance attribute shadows the method
     return model
 
 
@@ -116,6 +108,7 @@ def disable_streaming(model: PreTrainedModel) -> PreTrainedModel:
     """Remove what ``enable_streaming`` installed; the model is then exactly as before. Harmless if not enabled."""
     state = _ENABLED.pop(model, None)
     if state is None:
+        _remove_copied(model)
         return model
     state.hook.remove()
     if state.had_own_generate:
@@ -130,13 +123,78 @@ def is_streaming(model: nn.Module) -> bool:
     return model in _ENABLED
 
 
-def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
-    """Plan the cache's next step and put its positions and slot mask into the forward's kwargs."""
+def _remove_copied(model: nn.Module) -> None:
+    """Remove what a copy of an enabled model carries over (``copy.deepcopy``): sinkcache's hook on the decoder and
+    its ``generate``, which pass through while ``model`` is not enabled. Call only when it is not."""
+    decoder = getattr(model, "base_model", model)
+    for key, hook in list(decoder._forward_pre_hooks.items()):
+        if isinstance(hook, _PositionHook):
+            del decoder._forward_pre_hooks[key]
+            decoder._forward_pre_hooks_with_kwargs.pop(key, None)
+    generate = model.__dict__.get("generate")
+    if isinstance(generate, _StreamingGenerate):  # put back what the copied model had before it was enabled
+        if generate.had_own:
+            model.__dict__["generate"] = generate.own
+        else:
+            del model.__dict__["generate"]
+
+
+def _require_real_weights(model: nn.Module) -> None:
+    """Refuse weights that are only shapes (``accelerate.init_empty_weights``, ``device="meta"``); weights that
+    accelerate offloads (a module with an ``_hf_hook`` loads its meta weights at each forward) are real."""
+    hooked = [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    empty = [name for name, t in tensors
+             if t.is_meta and not any(h == "" or name.startswith(h + ".") for h in hooked)]
+    if empty:
+        raise ValueError(
+            f"{type(model).__name__} has weights on the meta device (e.g. {empty[0]}), as models built under "
+            "accelerate.init_empty_weights() or with device='meta' do: sinkcache runs the model once to verify its "
+            "rotary embedding. Load the real weights first (from_pretrained, or load_checkpoint_and_dispatch), then "
+            "call enable_streaming."
+        )
+
+
+class _PositionHook:
+    """The forward pre-hook on the decoder: calls that carry a ``SinkCache`` get their positions inside the cache.
+
+    It serves only the decoder it was installed on (held by a weak reference, which ``copy.deepcopy`` does not copy):
+    in a deep copy of the model, its copy passes every call through.
+    """
+
+    def __init__(self, decoder: nn.Module, rope: RopeSpec):
+        self.decoder = weakref.ref(decoder)
+        self.rope = rope
+        self.names = list(inspect.signature(decoder.forward).parameters)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if module is not self.decoder():
+            return None
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+            if cache is None and args:
+                bound = dict(zip(self.names, args))
+                cache = bound.get("cache", bound.get("past_key_values"))
+        if not isinstance(cache, SinkCache):
+            return None
+        if args:
+            kwargs = {**dict(zip(self.names, args)), **kwargs}
+        positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
+        return (), positions_for_step(cache, kwargs, self.rope, module)
+
+
+def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, decoder: nn.Module) -> dict:
+    """Plan the cache's next step and put its positions and slot mask into the forward's kwargs.
+
+    Refuses, before the cache changes, a step whose keys would need gradients (see ``GRAD_MODE``)."""
     inputs = kwargs.get("input_ids")
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")
     if inputs is None:
         raise ValueError("A forward call with a SinkCache needs input_ids or inputs_embeds.")
+    if torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in decoder.parameters())):
+        raise RuntimeError(GRAD_MODE)
     batch, n = inputs.shape[:2]
     mask = kwargs.get("attention_mask")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[-1] < n):
@@ -155,24 +213,89 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec) -> dict:
 _positions_for_step_outside_graph = torch.compiler.disable(_positions_for_step)
 
 
-def _streaming_generate(model: PreTrainedModel) -> Callable[..., Any]:
-    """``model.generate`` that brings its own SinkCache and prefills in chunks."""
-    original = model.generate
+class _StreamingGenerate:
+    """``model.generate`` while streaming is enabled: brings a fresh SinkCache per call and prefills in chunks.
 
-    def generate(*args: Any, **kwargs: Any):
-        state = _ENABLED[model]
-        if "past_key_values" in kwargs and "cache" not in kwargs:
-            kwargs["cache"] = kwargs.pop("past_key_values")
-        if kwargs.get("cache") is None and kwargs.get("use_cache", True) is not False:
-            kwargs["cache"] = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
-        if isinstance(kwargs.get("cache"), SinkCache) and "prefill_chunk_size" not in kwargs:
-            config = kwargs.get("generation_config") or model.generation_config
-            if getattr(config, "prefill_chunk_size", None) is None:
-                kwargs["prefill_chunk_size"] = state.prefill_chunk_size
-        return original(*args, **kwargs)  # type: ignore[operator]
+    Per call, ``cache_implementation=...`` or a cache that is not a ``SinkCache`` (``cache=`` / ``past_key_values=``)
+    opts out: the call is then exactly transformers' ``generate``, as is a call with ``use_cache=False`` (which
+    warns: no cache, no streaming). A ``cache_implementation`` that only sits in a generation config is ignored for
+    the call, with a warning (streaming was asked for by enabling it); the config object is not modified.
 
-    generate.__doc__ = f"Streaming generate (sinkcache): {original.__doc__ or ''}"
-    return generate
+    A callable object rather than a closure so that ``copy.deepcopy(model)`` maps ``model`` to the copy: there it runs
+    the copy's own generate for as long as the copy is not enabled.
+    """
+
+    def __init__(self, model: PreTrainedModel, had_own: bool, own: Any):
+        self.model, self.had_own, self.own = model, had_own, own
+        plain = type(model).generate  # type: ignore[attr-defined]  # GenerationMixin's, which mypy does not see
+        self.__doc__ = f"Streaming generate (sinkcache): {plain.__doc__ or ''}"
+
+    def plain(self) -> Any:
+        """The ``generate`` that the model had before streaming was enabled."""
+        return self.own if self.had_own else type(self.model).generate.__get__(self.model)  # type: ignore[attr-defined]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        state = _ENABLED.get(model)
+        key = compat.CACHE_KWARG
+        cache = kwargs.get(key, kwargs.get("past_key_values" if key == "cache" else "cache"))
+        if state is None or kwargs.get("cache_implementation") is not None \
+                or (cache is not None and not isinstance(cache, SinkCache)):
+            return self.plain()(*args, **kwargs)  # not enabled (a copied model), or the per-call opt-out
+        passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)  # generate(inputs, config)
+        config = passed or model.generation_config
+
+        def setting(name: str) -> Any:  # transformers' order: the call's kwargs, a passed config, the model's
+            if name in kwargs:
+                return kwargs[name]
+            value = getattr(passed, name, None)
+            return getattr(model.generation_config, name, None) if value is None else value
+
+        if setting("use_cache") is False:
+            warnings.warn(
+                "generate(use_cache=False) on a model with sinkcache streaming enabled: no cache is used, so this call "
+                "does not stream (every token attends to every earlier one). Drop use_cache=False to stream.",
+                stacklevel=2,
+            )
+            return self.plain()(*args, **kwargs)
+        configured = setting("cache_implementation")
+        if configured is not None and configured != "hybrid":  # transformers itself drops "hybrid"
+            warnings.warn(
+                f"generation_config.cache_implementation={configured!r} is ignored for this call: streaming is enabled "
+                "(sinkcache.enable_streaming), so generate() uses a SinkCache. To use that cache instead, pass "
+                f"generate(..., cache_implementation={configured!r}) for one call, or call "
+                "sinkcache.disable_streaming(model).",
+                stacklevel=2,
+            )
+        if "cache_implementation" in kwargs or configured is not None:
+            kwargs["cache_implementation"] = None  # overrides both configs for this call, modifying neither
+        kwargs.pop("past_key_values" if key == "cache" else "cache", None)
+        if cache is None:
+            cache = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
+        kwargs[key] = cache
+        if "prefill_chunk_size" not in kwargs and getattr(config, "prefill_chunk_size", None) is None:
+            kwargs["prefill_chunk_size"] = state.prefill_chunk_size
+        chunk = kwargs["prefill_chunk_size"] if "prefill_chunk_size" in kwargs else config.prefill_chunk_size
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if kwargs.get("inputs_embeds") is not None and ids is None and not model.config.is_encoder_decoder:
+            # transformers chunks input_ids only, and its chunked prefill would feed every embedding it is given
+            # (the whole conversation on a later turn); its plain prefill feeds those the cache has not seen
+            if chunk is not None and (setting("num_beams") or 1) * (setting("num_return_sequences") or 1) == 1:
+                self._prefill_embeds(cache, kwargs["inputs_embeds"], kwargs.get("attention_mask"), chunk)
+            kwargs["prefill_chunk_size"] = None
+        return self.plain()(*args, **kwargs)
+
+    def _prefill_embeds(self, cache: SinkCache, embeds: torch.Tensor, mask: torch.Tensor | None, chunk: int) -> None:
+        """Feed all but the last prefill chunk of an ``inputs_embeds`` prompt, in the chunks transformers' chunked
+        prefill would make of ``input_ids`` (which it does not make of embeddings); ``generate`` then feeds the last
+        one, slicing the whole conversation's embeddings to what the cache has not seen."""
+        past = cache.get_seq_length()
+        stop = past + max(embeds.shape[1] - past - 1, 0) // chunk * chunk
+        with torch.no_grad():
+            for start in range(past, stop, chunk):
+                end = start + chunk
+                self.model(inputs_embeds=embeds[:, start:end], attention_mask=None if mask is None else mask[:, :end],
+                           use_cache=True, **{compat.CACHE_KWARG: cache})
 
 
 def _verify_rotation(model: PreTrainedModel, rope: RopeSpec) -> None:

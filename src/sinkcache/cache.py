@@ -59,6 +59,7 @@ attention over the slack slots too (masked): 1.25x the keys of the default addre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,11 +160,16 @@ class SinkLayer(CacheLayerMixin):
         shapes, the whole buffer.
         """
         plan = self.parent.plan
-        if not self.pending:  # begin_step marks every stored layer: this one is new, or the hook did not run
-            if plan is None or self.is_initialized:
+        if not self.is_initialized:  # a new layer (begin_step may have marked it: a reset keeps the layer count)
+            if plan is None:
                 raise NotEnabledError(NOT_ENABLED)
             if plan.start != 0:  # a layer first seen after the first step missed the stream's first tokens
                 raise RuntimeError(INTERRUPTED)
+        elif not self.pending:  # begin_step marks every layer: the hook did not run
+            raise NotEnabledError(NOT_ENABLED)
+        if key_states.requires_grad:  # the hook refuses this first; here for callers that plan steps themselves
+            raise RuntimeError(GRAD_MODE)
+        if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.pending = False
         assert plan is not None
@@ -199,7 +205,7 @@ class SinkLayer(CacheLayerMixin):
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
         if self.group is not None:
-            self.group.ahead_start, self.group.swapped = _STALE, None
+            self.group.ahead_start, self.group.sinks_changed = _STALE, True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
@@ -214,7 +220,11 @@ class SinkLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.parent, self.layer_idx)  # type: ignore[misc]  # back to the lazy, empty state
+        """Reset the whole cache (``SinkCache.reset``): the layers share one stream (its plan, groups and positions),
+        so a layer cannot forget it alone. transformers' ``Cache.reset`` calls this for every layer; a layer that a
+        reset has already replaced (no longer in its cache) has nothing left to forget."""
+        if any(layer is self for layer in self.parent.layers):
+            self.parent.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         pass  # rows are selected for all layers at once by SinkCache
@@ -265,9 +275,11 @@ class LayerGroup:
             ahead = first.new_zeros(SINKS_AHEAD, 2 * len(self.layers), *first.shape[1:3], sink_keys.shape[-2],
                                     first.shape[-1])
             self.ahead_start = _STALE  # the rotation-table row of ahead[0]'s first sink
-            # the sinks' keys with their rotary halves swapped; None when the sinks changed, so that it and their
-            # values in ahead must be made again
-            self.swapped: torch.Tensor | None = None
+            # the sinks' keys with their rotary halves swapped, allocated here so that the cache's size is fixed
+            # from the group's first step (SinkCache.nbytes); written when the sinks changed (then it and their
+            # values in ahead must be made again)
+            self.swapped = torch.empty_like(sink_keys)
+            self.sinks_changed = True
         self.ahead, self.ahead_keys = ahead, ahead[:, 0::2, ..., : self.key_dim]
         self.sources = [[placement[rows] for rows in self.rows] for placement in ahead.unbind(0)]  # views, made once
         self.attended: tuple[int, int] | None = None  # the slots of the layers' current views (see attend)
@@ -313,11 +325,11 @@ class LayerGroup:
 
     def _place_ahead(self, row: int) -> None:
         """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
-        swapped = self.swapped
-        if swapped is None:  # what does not depend on the placement is made once per set of sinks
-            swapped = self.swapped = self.table.swap_halves(self.sink_keys)
+        if self.sinks_changed:  # what does not depend on the placement is made once per set of sinks
+            self.swapped.copy_(self.table.swap_halves(self.sink_keys))
             self.ahead[:, 1::2, ..., : self.value_dim] = self.sink_values
-        self.table.rotate_runs(self.sink_keys, swapped, row, out=self.ahead_keys)
+            self.sinks_changed = False
+        self.table.rotate_runs(self.sink_keys, self.swapped, row, out=self.ahead_keys)
         self.ahead_start = row
 
     def unroll(self, start: int, length: int, shift: int) -> None:
@@ -356,6 +368,11 @@ NOT_ENABLED = (
     "once before using a SinkCache: it assigns the positions inside the cache that the model needs."
 )
 INTERRUPTED = "A previous forward pass on this SinkCache did not finish; call cache.reset()."
+GRAD_MODE = (
+    "SinkCache does not support gradients: its keys and values are updated in place as the stream moves on. Wrap "
+    "the forward calls in `with torch.no_grad():` or `with torch.inference_mode():` (generate() already runs "
+    "without gradients), or freeze the model with model.requires_grad_(False)."
+)
 
 
 class SinkCache(Cache):
@@ -392,12 +409,17 @@ class SinkCache(Cache):
         self.static_shapes = static_shapes
         self.slack = max(16, window_length // 4)  # compaction every `slack` tokens copies the window once
         self.rope: RopeSpec | None = None
-        self._tables: dict[tuple[int, torch.device, int], RotationTable] = {}
+        # (inv_freq, its table) by (id(inv_freq), device, head_dim); holding inv_freq keeps its id from being reused
+        self._tables: dict[tuple[int, torch.device, int], tuple[torch.Tensor, RotationTable]] = {}
+        self._inference_tensors = False  # a step ran under torch.inference_mode(): see _leave_inference_mode
         self.reset()
 
     def reset(self) -> None:
-        """Forget the stream: the cache can then serve a new one (any batch size) on the same model."""
-        self.layers = []
+        """Forget the stream: the cache can then serve a new one (any batch size) on the same model.
+
+        The layers are replaced by as many new, empty ones (transformers' ``Cache.reset`` loops over the layer count
+        while each layer's ``reset`` resets the whole cache)."""
+        self.layers = [SinkLayer(self, i) for i in range(len(self.layers))]
         self.seen = 0  # columns fed so far, padding included (what generate() calls the sequence length)
         self.base = 0
         self.offset = 0
@@ -436,6 +458,10 @@ class SinkCache(Cache):
             if self.rope is not None and self.rope.model_id != rope.model_id:
                 raise ValueError("This SinkCache was used with another model; create one SinkCache per model.")
             self.rope = rope
+        if torch.is_inference_mode_enabled():
+            self._inference_tensors = True
+        elif self._inference_tensors:
+            self._leave_inference_mode()
         for layer in self.layers:
             if layer.pending:
                 raise RuntimeError(INTERRUPTED)
@@ -532,6 +558,41 @@ class SinkCache(Cache):
             return position_ids, None
         return position_ids, torch.arange(base, t + n)[None, :] >= self.first_real[:, None]
 
+    def _leave_inference_mode(self) -> None:
+        """The stream goes on outside ``torch.inference_mode()``, where inference tensors cannot be updated in place:
+        replace each one the cache holds, once, by a normal copy with the same values, and re-make the views."""
+        self._rebuild(lambda t: t.clone() if t.is_inference() else t)
+        self._inference_tensors = False
+
+    def _rebuild(self, own: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Re-make every view the cache relies on from the tensors they view (each passed through ``own`` first):
+        the layers' storage views of their group's units (``LayerGroup._set``), or of their own buffers before the
+        groups form, and the cached views (attended slices, sinks' slots, positions, rotation runs)."""
+        for group in self.groups:
+            swapped, changed = own(group.swapped), group.sinks_changed
+            group._set([own(unit) for unit in group.units], own(group.sink_keys), own(group.sink_values),
+                       own(group.ahead))
+            group.swapped, group.sinks_changed = swapped, changed
+        for layer in self.layers:
+            layer.attending = None
+            if layer.is_initialized and layer.group is None:
+                layer.point_to(own(layer.kv), own(layer.sink_keys), own(layer.sink_values))
+        for _, table in self._tables.values():
+            table.cos, table.sin, table.partner = own(table.cos), own(table.sin), own(table.partner)
+            table._runs = {}
+        if self._range is not None:
+            self._range = own(self._range)
+        self._next_positions = -1, ()
+        if self.first_real is not None:
+            self.first_real = own(self.first_real)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling restores every tensor but not which ones share storage (pickle writes each view as a tensor of
+        its own), so the views are re-made from the unpickled bases. ``copy.deepcopy`` comes here too, harmlessly.
+        The copy keeps ``rope`` (and its ``model_id``): it serves the same model only, in the same process."""
+        self.__dict__.update(state)
+        self._rebuild(lambda t: t)
+
     def _group_layers(self) -> list[LayerGroup]:
         """The layer groups; formed once, after the first step has given every layer its storage."""
         if self.layers and not self.groups:
@@ -604,10 +665,11 @@ class SinkCache(Cache):
         more every batch of placements rotated ahead.
         """
         key = (id(inv_freq), inv_freq.device, head_dim)
-        if key not in self._tables:
+        entry = self._tables.get(key)
+        if entry is None or entry[0] is not inv_freq:  # a copied cache's keys name objects of the original
             size = self.window_length + self.num_sink_tokens + SINKS_AHEAD - 1
-            self._tables[key] = RotationTable(inv_freq, head_dim, size)
-        return self._tables[key]
+            entry = self._tables[key] = inv_freq, RotationTable(inv_freq, head_dim, size)
+        return entry[1]
 
     def mask_sizes(self) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of the current step, in buffer slots (see ``Cache.get_mask_sizes``)."""
@@ -668,11 +730,11 @@ class SinkCache(Cache):
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (buffers, the sinks' copies, pre-placed rotations and swapped halves,
         rotation and position tables), each storage counted once."""
-        tensors = [t for group in self.groups for t in (*group.units, group.sink_keys, group.sink_values, group.ahead,
-                                                         *([] if group.swapped is None else [group.swapped]))]
+        tensors = [t for group in self.groups
+                   for t in (*group.units, group.sink_keys, group.sink_values, group.ahead, group.swapped)]
         tensors += [t for layer in self.layers if layer.is_initialized and layer.group is None
                     for t in (layer.kv, layer.sink_keys, layer.sink_values)]
-        tensors += [t for table in self._tables.values() for t in (table.cos, table.sin, table.partner)]
+        tensors += [t for _, table in self._tables.values() for t in (table.cos, table.sin, table.partner)]
         tensors += [self._range] if self._range is not None else []
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 

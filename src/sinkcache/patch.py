@@ -8,6 +8,9 @@ Two things are installed, both removed exactly by ``disable_streaming``:
 2. an instance-level ``generate`` that creates a fresh ``SinkCache`` per call unless the caller passes one, and
    prefills long prompts in chunks so memory is bounded by the cache size.
 
+Both are objects that serve only their own model: ``copy.deepcopy(model)`` gives a copy that is not streaming (its
+copied hook passes every call through, its copied ``generate`` runs the copy's plain one) until it is enabled.
+
 Before installing anything, the model's rotation is verified empirically: one token is run at two positions and
 every layer's keys must differ by exactly the rotation sinkcache would apply. A model whose keys do not (learned
 positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE) is refused with the reason.
@@ -15,8 +18,8 @@ positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE)
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from . import compat
-from .cache import SinkCache
+from .cache import GRAD_MODE, SinkCache
 from .rotary import RopeSpec, UnsupportedModelError, read_rope_spec, rotate
 
 
@@ -70,17 +73,27 @@ def enable_streaming(
         static_shapes: give ``generate``'s caches static shapes (``SinkCache(..., static_shapes=True)``), so that
             the decode step of a compiled model (``torch.compile``) compiles once.
 
+    Per call, ``generate(..., cache_implementation=...)`` or a cache that is not a ``SinkCache`` opts out of
+    streaming (see ``_StreamingGenerate``). ``copy.deepcopy`` of an enabled model is not enabled.
+
     Raises:
         UnsupportedModelError: the model's positions cannot be shifted inside a cache; the message says why.
+        ValueError: the model's weights are on the meta device (not loaded yet), or an argument is invalid.
     """
     SinkCache(window_length, num_sink_tokens, static_shapes=static_shapes)  # validates with the cache's messages
-    if static_shapes and compat.builds_legacy_mask(getattr(model, "base_model", model)):
+    _require_real_weights(model)
+    decoder = getattr(model, "base_model", model)
+    if compat.cache_keyword(decoder) is None:
+        raise UnsupportedModelError(f"{type(decoder).__name__}.forward takes no cache (neither `cache` nor "
+                                    "`past_key_values`), so it cannot stream with a SinkCache.")
+    if static_shapes and compat.builds_legacy_mask(decoder):
         raise ValueError(compat.LEGACY_MASK_STATIC)
     chunk = window_length if prefill_chunk_size is None else prefill_chunk_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
     if model in _ENABLED:
         disable_streaming(model)
+    _remove_copied(model)
     rope = read_rope_spec(model)
     if rope.max_position is not None and window_length >= rope.max_position:
         raise ValueError(
@@ -88,44 +101,12 @@ def enable_streaming(
             "(dynamic/longrope) changes its frequencies past that length, which would break shifted keys."
         )
     _verify_rotation(model, rope)
-    decoder = getattr(model, "base_model", model)
-    names = compat.forward_parameters(decoder)
-    keyword = compat.cache_keyword(decoder)
-    if keyword is None:
-        raise UnsupportedModelError(f"{type(decoder).__name__}.forward takes no cache (neither `cache` nor "
-                                    "`past_key_values`), so it cannot stream with a SinkCache.")
-    with_cache_position = compat.takes_cache_position(decoder)
-    legacy_mask = compat.builds_legacy_mask(decoder)
-
-    def position_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if args:
-            kwargs = {**dict(zip(names, args)), **kwargs}
-        cache = kwargs.get(keyword)
-        if keyword == "cache" and cache is None:  # the deprecated name, which the model itself still renames
-            cache = kwargs.pop("past_key_values", None)
-        if not isinstance(cache, SinkCache):
-            if keyword != "cache" and isinstance(kwargs.get("cache"), SinkCache):
-                raise TypeError(compat.wrong_keyword_message(keyword))
-            return None
-        kwargs[keyword] = cache
-        if legacy_mask and cache.static_shapes:
-            raise ValueError(compat.LEGACY_MASK_STATIC)
-        positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
-        return (), positions_for_step(cache, kwargs, rope, with_cache_position, legacy_mask)
-
-    def step_done_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        cache = kwargs.get(keyword)
-        if isinstance(cache, SinkCache):
-            cache.end_step()
-
-    hooks = [decoder.register_forward_pre_hook(position_hook, with_kwargs=True)]
+    had_own, own = "generate" in model.__dict__, model.__dict__.get("generate")
+    hooks = [decoder.register_forward_pre_hook(_PositionHook(decoder, rope), with_kwargs=True)]
     if compat.QUERY_OFFSET_FROM_SEQ_LENGTH:  # the cache must know when the step's forward is over (see compat)
-        hooks.append(decoder.register_forward_hook(step_done_hook, with_kwargs=True))
-    own = model.__dict__.get("generate")
-    _ENABLED[model] = _Streaming(
-        window_length, num_sink_tokens, chunk, static_shapes, rope, hooks, "generate" in model.__dict__, own,
-    )
-    model.__dict__["generate"] = _streaming_generate(model)  # an instance attribute shadows the method
+        hooks.append(decoder.register_forward_hook(_StepDone(decoder), with_kwargs=True))
+    _ENABLED[model] = _Streaming(window_length, num_sink_tokens, chunk, static_shapes, rope, hooks, had_own, own)
+    model.__dict__["generate"] = _StreamingGenerate(model, had_own, own)  # an instance attribute shadows the method
     return model
 
 
@@ -133,6 +114,7 @@ def disable_streaming(model: PreTrainedModel) -> PreTrainedModel:
     """Remove what ``enable_streaming`` installed; the model is then exactly as before. Harmless if not enabled."""
     state = _ENABLED.pop(model, None)
     if state is None:
+        _remove_copied(model)
         return model
     for hook in state.hooks:
         hook.remove()
@@ -148,19 +130,103 @@ def is_streaming(model: nn.Module) -> bool:
     return model in _ENABLED
 
 
-def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, with_cache_position: bool,
-                        legacy_mask: bool) -> dict:
+def _remove_copied(model: nn.Module) -> None:
+    """Remove what a copy of an enabled model carries over (``copy.deepcopy``): sinkcache's hook on the decoder and
+    its ``generate``, which pass through while ``model`` is not enabled. Call only when it is not."""
+    decoder = getattr(model, "base_model", model)
+    for hooks, with_kwargs in ((decoder._forward_pre_hooks, decoder._forward_pre_hooks_with_kwargs),
+                               (decoder._forward_hooks, decoder._forward_hooks_with_kwargs)):
+        for key, hook in list(hooks.items()):
+            if isinstance(hook, (_PositionHook, _StepDone)):
+                del hooks[key]
+                with_kwargs.pop(key, None)
+    generate = model.__dict__.get("generate")
+    if isinstance(generate, _StreamingGenerate):  # put back what the copied model had before it was enabled
+        if generate.had_own:
+            model.__dict__["generate"] = generate.own
+        else:
+            del model.__dict__["generate"]
+
+
+def _require_real_weights(model: nn.Module) -> None:
+    """Refuse weights that are only shapes (``accelerate.init_empty_weights``, ``device="meta"``); weights that
+    accelerate offloads (a module with an ``_hf_hook`` loads its meta weights at each forward) are real."""
+    hooked = [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    empty = [name for name, t in tensors
+             if t.is_meta and not any(h == "" or name.startswith(h + ".") for h in hooked)]
+    if empty:
+        raise ValueError(
+            f"{type(model).__name__} has weights on the meta device (e.g. {empty[0]}), as models built under "
+            "accelerate.init_empty_weights() or with device='meta' do: sinkcache runs the model once to verify its "
+            "rotary embedding. Load the real weights first (from_pretrained, or load_checkpoint_and_dispatch), then "
+            "call enable_streaming."
+        )
+
+
+class _PositionHook:
+    """The forward pre-hook on the decoder: calls that carry a ``SinkCache`` get their positions inside the cache.
+
+    It serves only the decoder it was installed on (held by a weak reference, which ``copy.deepcopy`` does not copy):
+    in a deep copy of the model, its copy passes every call through.
+    """
+
+    def __init__(self, decoder: nn.Module, rope: RopeSpec):
+        self.decoder = weakref.ref(decoder)
+        self.rope = rope
+        self.names = compat.forward_parameters(decoder)
+        self.keyword = compat.cache_keyword(decoder)
+        self.with_cache_position = compat.takes_cache_position(decoder)
+        self.legacy_mask = compat.builds_legacy_mask(decoder)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if module is not self.decoder():
+            return None
+        if args:
+            kwargs = {**dict(zip(self.names, args)), **kwargs}
+        cache = kwargs.get(self.keyword)
+        if self.keyword == "cache" and cache is None:  # the deprecated name, which the model itself still renames
+            cache = kwargs.pop("past_key_values", None)
+        if not isinstance(cache, SinkCache):
+            if self.keyword != "cache" and isinstance(kwargs.get("cache"), SinkCache):
+                raise TypeError(compat.wrong_keyword_message(str(self.keyword)))
+            return None
+        kwargs[str(self.keyword)] = cache
+        if self.legacy_mask and cache.static_shapes:
+            raise ValueError(compat.LEGACY_MASK_STATIC)
+        positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
+        return (), positions_for_step(cache, kwargs, self.rope, module, self.with_cache_position, self.legacy_mask)
+
+
+class _StepDone:
+    """The forward hook that tells a ``SinkCache`` its step's forward is over, where ``compat`` needs that: on
+    transformers 5.0-5.13 the mask reads the query's index from ``get_seq_length`` while the step runs."""
+
+    def __init__(self, decoder: nn.Module):
+        self.decoder = weakref.ref(decoder)
+        self.keyword = compat.cache_keyword(decoder)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = kwargs.get(str(self.keyword))
+        if module is self.decoder() and isinstance(cache, SinkCache):
+            cache.end_step()
+
+
+def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, decoder: nn.Module,
+                        with_cache_position: bool, legacy_mask: bool) -> dict:
     """Plan the cache's next step and put its positions and slot mask into the forward's kwargs.
 
     For a decoder whose causal mask reads its query indices from ``cache_position`` (transformers 5.0-5.3), that is
     the new tokens' buffer indices; for one that also builds the mask itself (``compat.builds_legacy_mask``), their
-    indices among the attended keys, with the slot mask cut to those keys.
-    """
+    indices among the attended keys, with the slot mask cut to those keys. Refuses, before the cache changes, a step
+    whose keys would need gradients (see ``GRAD_MODE``)."""
     inputs = kwargs.get("input_ids")
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")
     if inputs is None:
         raise ValueError("A forward call with a SinkCache needs input_ids or inputs_embeds.")
+    if torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in decoder.parameters())):
+        raise RuntimeError(GRAD_MODE)
     batch, n = inputs.shape[:2]
     mask = kwargs.get("attention_mask")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[-1] < n):
@@ -185,28 +251,96 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, with_cac
 _positions_for_step_outside_graph = torch.compiler.disable(_positions_for_step)
 
 
-def _streaming_generate(model: PreTrainedModel) -> Callable[..., Any]:
-    """``model.generate`` that brings its own SinkCache and prefills in chunks."""
-    original = model.generate
-    key = compat.cache_keyword(model) or compat.CACHE_KWARG
-    keywords = key, "past_key_values" if key == "cache" else "cache"
+class _StreamingGenerate:
+    """``model.generate`` while streaming is enabled: brings a fresh SinkCache per call and prefills in chunks.
 
-    def generate(*args: Any, **kwargs: Any):
-        state = _ENABLED[model]
-        # generate() takes the cache by the keyword of the model's forward; either name is accepted here
-        key, other = keywords
-        if other in kwargs and key not in kwargs:
-            kwargs[key] = kwargs.pop(other)
-        if kwargs.get(key) is None and kwargs.get("use_cache", True) is not False:
-            kwargs[key] = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
-        if isinstance(kwargs.get(key), SinkCache) and "prefill_chunk_size" not in kwargs:
-            config = kwargs.get("generation_config") or model.generation_config
-            if getattr(config, "prefill_chunk_size", None) is None:
-                kwargs["prefill_chunk_size"] = state.prefill_chunk_size
-        return original(*args, **kwargs)  # type: ignore[operator]
+    Per call, ``cache_implementation=...`` or a cache that is not a ``SinkCache`` (``cache=`` / ``past_key_values=``)
+    opts out: the call is then exactly transformers' ``generate``, as is a call with ``use_cache=False`` (which
+    warns: no cache, no streaming). A ``cache_implementation`` that only sits in a generation config is ignored for
+    the call, with a warning (streaming was asked for by enabling it); the config object is not modified.
 
-    generate.__doc__ = f"Streaming generate (sinkcache): {original.__doc__ or ''}"
-    return generate
+    A callable object rather than a closure so that ``copy.deepcopy(model)`` maps ``model`` to the copy: there it runs
+    the copy's own generate for as long as the copy is not enabled.
+    """
+
+    def __init__(self, model: PreTrainedModel, had_own: bool, own: Any):
+        self.model, self.had_own, self.own = model, had_own, own
+        self.keyword = compat.cache_keyword(model) or compat.CACHE_KWARG  # what this model's generate() takes
+        plain = type(model).generate  # type: ignore[attr-defined]  # GenerationMixin's, which mypy does not see
+        self.__doc__ = f"Streaming generate (sinkcache): {plain.__doc__ or ''}"
+
+    def plain(self) -> Any:
+        """The ``generate`` that the model had before streaming was enabled."""
+        return self.own if self.had_own else type(self.model).generate.__get__(self.model)  # type: ignore[attr-defined]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        state = _ENABLED.get(model)
+        key = self.keyword  # either name is accepted here; generate() gets the one its model takes
+        cache = kwargs.get(key, kwargs.get("past_key_values" if key == "cache" else "cache"))
+        if state is None or kwargs.get("cache_implementation") is not None \
+                or (cache is not None and not isinstance(cache, SinkCache)):
+            return self.plain()(*args, **kwargs)  # not enabled (a copied model), or the per-call opt-out
+        passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)  # generate(inputs, config)
+        config = passed or model.generation_config
+
+        def setting(name: str) -> Any:  # transformers' order: the call's kwargs, a passed config, the model's
+            if name in kwargs:
+                return kwargs[name]
+            value = getattr(passed, name, None)
+            return getattr(model.generation_config, name, None) if value is None else value
+
+        if setting("use_cache") is False:
+            warnings.warn(
+                "generate(use_cache=False) on a model with sinkcache streaming enabled: no cache is used, so this call "
+                "does not stream (every token attends to every earlier one). Drop use_cache=False to stream.",
+                stacklevel=2,
+            )
+            return self.plain()(*args, **kwargs)
+        configured = setting("cache_implementation")
+        if configured is not None and configured != "hybrid":  # transformers itself drops "hybrid"
+            warnings.warn(
+                f"generation_config.cache_implementation={configured!r} is ignored for this call: streaming is enabled "
+                "(sinkcache.enable_streaming), so generate() uses a SinkCache. To use that cache instead, pass "
+                f"generate(..., cache_implementation={configured!r}) for one call, or call "
+                "sinkcache.disable_streaming(model).",
+                stacklevel=2,
+            )
+        if "cache_implementation" in kwargs or configured is not None:
+            kwargs["cache_implementation"] = None  # overrides both configs for this call, modifying neither
+        kwargs.pop("past_key_values" if key == "cache" else "cache", None)
+        if cache is None:
+            cache = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
+        kwargs[key] = cache
+        if "prefill_chunk_size" not in kwargs and getattr(config, "prefill_chunk_size", None) is None:
+            kwargs["prefill_chunk_size"] = state.prefill_chunk_size
+        chunk = kwargs["prefill_chunk_size"] if "prefill_chunk_size" in kwargs else config.prefill_chunk_size
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        embeds = kwargs.get("inputs_embeds") if ids is None and not model.config.is_encoder_decoder else None
+        # Prefill ourselves where transformers' chunked prefill would not bound it or would feed tokens twice:
+        # - it chunks input_ids only, and would feed every embedding it is given (the whole conversation on a later
+        #   turn); its plain prefill feeds those the cache has not seen;
+        # - on a cache that continues a stream (a later turn), releases before 5.14 restart their chunks at the
+        #   conversation's first token. Done the same way on every release.
+        prompt, name = (embeds, "inputs_embeds") if embeds is not None else (ids, "input_ids")
+        if isinstance(prompt, torch.Tensor) and (embeds is not None or cache.seen):
+            if chunk is not None and (setting("num_beams") or 1) * (setting("num_return_sequences") or 1) == 1:
+                self._prefill(cache, name, prompt, kwargs.get("attention_mask"), chunk)
+            kwargs["prefill_chunk_size"] = None
+        return self.plain()(*args, **kwargs)
+
+    def _prefill(self, cache: SinkCache, name: str, prompt: torch.Tensor, mask: torch.Tensor | None,
+                 chunk: int) -> None:
+        """Feed all but the last prefill chunk of the prompt's unseen part (``input_ids`` or ``inputs_embeds``,
+        the whole conversation so far), in the chunks of transformers' chunked prefill; ``generate`` then feeds the
+        last one, slicing the conversation to what the cache has not seen."""
+        past = cache.seen
+        stop = past + max(prompt.shape[1] - past - 1, 0) // chunk * chunk
+        with torch.no_grad():
+            for start in range(past, stop, chunk):
+                end = start + chunk
+                self.model(**{name: prompt[:, start:end]}, attention_mask=None if mask is None else mask[:, :end],
+                           use_cache=True, **{self.keyword: cache})
 
 
 def _verify_rotation(model: PreTrainedModel, rope: RopeSpec) -> None:

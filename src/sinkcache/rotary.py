@@ -122,9 +122,10 @@ class RopeSpec:
         """Layer ``layer_idx``'s ``inv_freq`` on ``device``; one shared tensor per frequency set and device."""
         source = self.inv_freq_per_layer[layer_idx]
         key = (id(source), device)
-        if key not in self._on_device:
-            self._on_device[key] = source.to(device)
-        return self._on_device[key]
+        entry = self._on_device.get(key)
+        if entry is None or entry[0] is not source:  # a copied spec's keys name the original's tensors
+            entry = self._on_device[key] = source, source.to(device)
+        return entry[1]
 
 
 class UnsupportedModelError(ValueError):

@@ -141,7 +141,7 @@ def test_sink_cache_on_a_model_that_was_not_enabled_raises():
     with pytest.raises(NotEnabledError, match="enable_streaming"):
         model(input_ids=torch.tensor([[5, 6, 7]]), **{CACHE_KWARG: SinkCache(8, 2)})
     with pytest.raises(NotEnabledError, match="enable_streaming"):
-        model.generate(torch.tensor([[5, 6, 7]]), cache=SinkCache(8, 2), max_new_tokens=3)
+        model.generate(torch.tensor([[5, 6, 7]]), **{CACHE_KWARG: SinkCache(8, 2)}, max_new_tokens=3)
 
 
 def test_gpt2_is_refused_with_the_reason():

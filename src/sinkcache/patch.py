@@ -277,7 +277,10 @@ class _StreamingGenerate:
         model = self.model
         state = _ENABLED.get(model)
         key = self.keyword  # either name is accepted here; generate() gets the one its model takes
-        cache = kwargs.get(key, kwargs.get("past_key_values" if key == "cache" else "cache"))
+        other = "past_key_values" if key == "cache" else "cache"
+        if other in kwargs:
+            kwargs.setdefault(key, kwargs.pop(other))
+        cache = kwargs.get(key)
         if state is None or kwargs.get("cache_implementation") is not None \
                 or (cache is not None and not isinstance(cache, SinkCache)):
             return self.plain()(*args, **kwargs)  # not enabled (a copied model), or the per-call opt-out
@@ -308,7 +311,6 @@ class _StreamingGenerate:
             )
         if "cache_implementation" in kwargs or configured is not None:
             kwargs["cache_implementation"] = None  # overrides both configs for this call, modifying neither
-        kwargs.pop("past_key_values" if key == "cache" else "cache", None)
         if cache is None:
             cache = SinkCache(state.window_length, state.num_sink_tokens, static_shapes=state.static_shapes)
         kwargs[key] = cache

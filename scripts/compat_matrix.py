@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", default=CORE_TESTS)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "compat" / "results.json")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--render", action="store_true", help="only rewrite README.md's table from --out")
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads(args.out.read_text())
+        write_readme(table(saved["results"], saved["tests"]))
+        return 0
     versions = args.versions.split(",") if args.versions else newest_patch_of_each_minor()
     args.venvs.mkdir(parents=True, exist_ok=True)
     results = []

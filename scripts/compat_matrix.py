@@ -114,17 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     versions = args.versions.split(",") if args.versions else newest_patch_of_each_minor()
     args.venvs.mkdir(parents=True, exist_ok=True)
-    results = []
+    # a run of some releases replaces their rows in an earlier run's file (same tests) and keeps the others
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
+    by_version = {r["version"]: r for r in earlier.get("results", [])} if earlier.get("tests") == args.tests else {}
     for version in versions:
-        results.append(run_release(version, args.venvs, args.tests))
-        r = results[-1]
+        r = by_version[version] = run_release(version, args.venvs, args.tests)
         print(f"transformers {version}: {r['result']} {r['counts']} ({r.get('seconds', '-')} s)", flush=True)
+        results = sorted(by_version.values(), key=lambda r: tuple(int(p) for p in r["version"].split(".")))
         args.out.parent.mkdir(parents=True, exist_ok=True)  # written after every release: a long run is resumable
         args.out.write_text(json.dumps({"python": sys.version.split()[0], "tests": args.tests, "results": results},
                                        indent=1) + "\n")
     if not args.no_readme:
         write_readme(table(results, args.tests))
-    return 0 if all(r["result"] == "pass" for r in results) else 1
+    return 0 if all(by_version[v]["result"] == "pass" for v in versions) else 1
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def tiny_model(name: str, attn: str = "sdpa", layers: int = 2, dtype: torch.dtyp
     else:
         model_type, overrides = ARCHITECTURES[name]
         kwargs = {**COMMON, "num_hidden_layers": layers, **overrides}
+        if model_type == "olmo2":  # transformers 5.4 types this field int and refuses False; False is its default
+            del kwargs["tie_word_embeddings"]
         if "layer_types" in kwargs:
             kwargs["layer_types"] = (kwargs["layer_types"] * layers)[:layers]
     config = AutoConfig.for_model(model_type, **kwargs)

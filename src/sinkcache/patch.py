@@ -175,7 +175,8 @@ class _PositionHook:
         self.decoder = weakref.ref(decoder)
         self.rope = rope
         self.names = compat.forward_parameters(decoder)
-        self.keyword = compat.cache_keyword(decoder)
+        # never the fallback: enable_streaming refuses a decoder that takes no cache
+        self.keyword = compat.cache_keyword(decoder) or compat.CACHE_KWARG
         self.with_cache_position = compat.takes_cache_position(decoder)
         self.legacy_mask = compat.builds_legacy_mask(decoder)
 
@@ -189,9 +190,9 @@ class _PositionHook:
             cache = kwargs.pop("past_key_values", None)
         if not isinstance(cache, SinkCache):
             if self.keyword != "cache" and isinstance(kwargs.get("cache"), SinkCache):
-                raise TypeError(compat.wrong_keyword_message(str(self.keyword)))
+                raise TypeError(compat.wrong_keyword_message(self.keyword))
             return None
-        kwargs[str(self.keyword)] = cache
+        kwargs[self.keyword] = cache
         if self.legacy_mask and cache.static_shapes:
             raise ValueError(compat.LEGACY_MASK_STATIC)
         positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
@@ -204,10 +205,10 @@ class _StepDone:
 
     def __init__(self, decoder: nn.Module):
         self.decoder = weakref.ref(decoder)
-        self.keyword = compat.cache_keyword(decoder)
+        self.keyword = compat.cache_keyword(decoder) or compat.CACHE_KWARG
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        cache = kwargs.get(str(self.keyword))
+        cache = kwargs.get(self.keyword)
         if module is self.decoder() and isinstance(cache, SinkCache):
             cache.end_step()
 

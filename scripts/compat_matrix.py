@@ -70,22 +70,25 @@ def run_release(version: str, venvs: Path, tests: list[str]) -> dict:
     except subprocess.CalledProcessError as error:
         return {"version": version, "result": "install failed", "detail": str(error), "counts": {}}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    counts = summary(done.stdout)
-    failed = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("FAILED ")]
+    done = subprocess.run([str(python), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    failed = [line.split(" ", 1)[1] for line in lines if line.startswith("FAILED ")]
+    # "SKIPPED [n] file:line: reason (details)": the reasons, without their details
+    skipped = sorted({re.sub(r"\s*\(.*", "", line.split(": ", 1)[1]) for line in lines if line.startswith("SKIPPED ")})
     result = "pass" if done.returncode == 0 else "fail"
-    return {"version": version, "result": result, "counts": counts, "failed": failed[:20],
-            "seconds": round(time.time() - started, 1)}
+    return {"version": version, "result": result, "counts": summary(done.stdout), "failed": failed[:20],
+            "skipped": skipped, "seconds": round(time.time() - started, 1)}
 
 
 def table(results: list[dict], tests: list[str]) -> str:
-    rows = ["| transformers | result | passed | skipped | failed |", "|---|---|---:|---:|---:|"]
+    rows = ["| transformers | result | passed | skipped | failed | why skipped |", "|---|---|---:|---:|---:|---|"]
     for r in results:
         c = r["counts"]
         mark = {"pass": "✓ pass", "fail": "✗ fail"}.get(r["result"], r["result"])
-        rows.append(f"| {r['version']} | {mark} | {c.get('passed', 0)} | {c.get('skipped', 0)} | "
-                    f"{c.get('failed', 0) + c.get('error', 0) + c.get('errors', 0)} |")
+        failed = c.get("failed", 0) + c.get("error", 0) + c.get("errors", 0)
+        why = "; ".join(r.get("skipped", []))
+        rows.append(f"| {r['version']} | {mark} | {c.get('passed', 0)} | {c.get('skipped', 0)} | {failed} | {why} |")
     names = ", ".join(f"`{Path(t).name}`" for t in tests)
     return "\n".join(rows) + f"\n\nTests run on each release: {names}."
 

@@ -53,7 +53,20 @@ def tensor_parallel_kwargs() -> dict[str, Any]:
 def load_tensor_parallel(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     """Load the model at ``path`` sharded over every process of the ``torchrun`` job (this process's slice only).
 
-    transformers starts ``torch.distributed`` itself from torchrun's environment (gloo on CPU, nccl on CUDA)."""
+    transformers starts ``torch.distributed`` itself from torchrun's environment (gloo on CPU, nccl on CUDA).
+
+    Raises:
+        ValueError: the model's attention or key/value heads do not divide by the number of processes (transformers
+            does not check: such a model fails inside its first forward with a reshape error).
+    """
+    config = AutoConfig.from_pretrained(path).get_text_config(decoder=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    heads = {"num_attention_heads": config.num_attention_heads,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    for name, count in heads.items():
+        if count % world:
+            raise ValueError(f"{path}: {name} is {count}, which {world} processes cannot share evenly. Run "
+                             f"torchrun with a --nproc_per_node (times --nnodes) that divides {count}.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # initialize_tensor_parallelism's own deprecation, 5.2x
         model = AutoModelForCausalLM.from_pretrained(path, **tensor_parallel_kwargs(), **kwargs)

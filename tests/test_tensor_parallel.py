@@ -10,6 +10,7 @@ the oracle, which makes the sharded ones exact too.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -33,8 +34,12 @@ TIMEOUT_S = 240  # the whole torchrun job; about 25 s on a free 2-core machine
 TOLERANCE = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
 # llama: grouped-query attention (4 heads, 2 key/value heads: one each per rank); gemma3: hybrid sliding-window and
-# full layers with two rotary tables (two layer groups); mistral: a sliding window on every layer.
-ARCHITECTURES = ["llama", "gemma3", "mistral"]
+# full layers with two rotary tables (two layer groups); mistral: a sliding window on every layer; qwen2: a sliding
+# window on its second layer only.
+ARCHITECTURES = ["llama", "gemma3", "mistral", "qwen2"]
+
+if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    pytest.skip("this torch build has no torch.distributed with the gloo backend", allow_module_level=True)
 
 
 def free_port() -> int:
@@ -193,3 +198,15 @@ def test_example_runs_under_torchrun():
     assert len({r["sink_cache_bytes"] for r in reports}) == 1
     (tokens,) = re.findall(r"^\[tokens\] \[(.*)\]$", result.stdout, re.MULTILINE)
     assert len(tokens.split(",")) == 40
+
+
+def test_heads_that_ranks_cannot_share_are_refused_before_loading(models, monkeypatch):
+    """``load_tensor_parallel`` (the example's) refuses 3 processes for 4 heads with what to do: transformers would
+    load the model and fail in its first forward with a reshape error."""
+    spec = importlib.util.spec_from_file_location("tensor_parallel", ROOT / "examples" / "tensor_parallel.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"num_attention_heads is 4, which 3 processes cannot share evenly.*divides 4"):
+        example.load_tensor_parallel(models["llama"])

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from sinkcache import CACHE_KWARG, SinkCache, enable_streaming
+from sinkcache import CACHE_KWARG, SinkCache, enable_streaming, machine
 
 
 def tensor_parallel_kwargs() -> dict[str, Any]:
@@ -96,6 +96,31 @@ def dynamic_cache_bytes(model: PreTrainedModel, tokens: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of this rank's share of the parameters (a sharded parameter is a DTensor: its local shard's size).
+
+    That is what the rank computes with; what its process keeps allocated is in the ``rss_bytes`` it prints (the
+    loader may keep a shard as a view of the whole tensor it was cut from)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters())
+
+
+def prompt(model: PreTrainedModel, window: int) -> torch.Tensor:
+    """A prompt of one window (prefilled in one chunk), so that the DynamicCache compared with holds as many tokens."""
+    return torch.arange(3, 3 + window)[None] % model.config.vocab_size
+
+
+def stream(model: PreTrainedModel, window: int, sinks: int, tokens: int) -> tuple[torch.Tensor, SinkCache]:
+    """Enable streaming and generate ``tokens`` greedy tokens after ``prompt``; returns them and the cache."""
+    enable_streaming(model, window, sinks)
+    model.generation_config.eos_token_id = None  # a random model may emit "eos" early: generate all tokens
+    cache = SinkCache(window, sinks)
+    ids = prompt(model, window)
+    out = model.generate(ids, cache=cache, max_new_tokens=tokens, do_sample=False)
+    return out[:, ids.shape[1]:], cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a saved model folder (default: a tiny random Llama)")
@@ -115,26 +140,23 @@ def main() -> None:
         dist.init_process_group()  # gloo for CPU tensors, nccl for CUDA ones where available
         model = load_tensor_parallel(path)
         rank, world = dist.get_rank(), dist.get_world_size()
-        enable_streaming(model, args.window, args.sinks)
-        model.generation_config.eos_token_id = None  # a random model may emit "eos" early: generate all tokens
-        # a prompt of one window (prefilled in one chunk), so that the DynamicCache below holds as many tokens
-        prompt = torch.arange(3, 3 + args.window)[None] % model.config.vocab_size
-        cache = SinkCache(args.window, args.sinks)
-        out = model.generate(prompt, cache=cache, max_new_tokens=args.tokens, do_sample=False)
+        new, cache = stream(model, args.window, args.sinks, args.tokens)
+        out = torch.cat([prompt(model, args.window), new], dim=1)
         dense = dynamic_cache_bytes(model, out[:, -args.window:])
         config = model.config.get_text_config(decoder=True)
         # fields are key=value for tests/test_tensor_parallel.py
         # one write per line: the ranks share torchrun's output, and print() writes the line end separately
         sys.stdout.write(f"[rank {rank}/{world}] kv_heads={kv_heads(cache)} of={config.num_key_value_heads} "
                          f"streamed={cache.get_seq_length()} kept={cache.cached_length()} "
-                         f"sink_cache_bytes={cache.nbytes} dynamic_cache_bytes={dense}\n")
+                         f"sink_cache_bytes={cache.nbytes} dynamic_cache_bytes={dense} "
+                         f"weight_bytes={weight_bytes(model)} rss_bytes={machine.status_bytes('VmRSS') or 0}\n")
         sys.stdout.flush()
         dist.barrier()
         if rank == 0 and world > 1 and kv_heads(cache) == config.num_key_value_heads:
             print("[warning] every rank holds all the key/value heads: transformers loaded the whole model on each "
                   "(no tensor parallel plan for this architecture, or a GGUF file)", flush=True)
         if rank == 0:
-            print(f"[tokens] {out[0, prompt.shape[1]:].tolist()}", flush=True)
+            print(f"[tokens] {new[0].tolist()}", flush=True)
         dist.destroy_process_group()
 
 

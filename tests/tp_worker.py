@@ -65,6 +65,9 @@ def streams(model: Any) -> dict[str, Any]:
     out["generate_tokens"] = second.sequences
     out["generate_logits"] = torch.cat([*first.logits, *second.logits])
     out["generate_seen"] = cache.get_seq_length()
+    # sampling: every rank draws from the same (gathered) logits, so every rank must seed its generator alike
+    torch.manual_seed(0)
+    out["sample_tokens"] = model.generate(prompt, do_sample=True, top_k=20, max_new_tokens=3 * WINDOW)
     return out
 
 

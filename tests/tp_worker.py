@@ -1,6 +1,6 @@
 """The streams of ``tests/test_tensor_parallel.py``, run on a plain model or, under ``torchrun``, on a sharded one.
 
-``python -m torchrun ... tests/tp_worker.py OUT MODEL_DIR...``: every rank loads each saved model with its tensor
+``torchrun --nproc_per_node 2 tests/tp_worker.py OUT MODEL_DIR...``: every rank loads each saved model with its tensor
 parallel plan (``examples/tensor_parallel.py``), runs ``streams`` on it and saves what it got to
 ``OUT/rank{r}.pt``: ``{model_dir: {"results": {...}, "kv_heads": int}}`` or ``{model_dir: {"skip": reason}}``
 where the installed transformers cannot shard that model. The test runs the same ``streams`` on the plain model in
@@ -21,7 +21,9 @@ from sinkcache import CACHE_KWARG, SinkCache, enable_streaming
 WINDOW, SINKS = 16, 4
 VOCAB = 97
 STREAM = 44  # tokens per stream: past the window (16) more than twice, so sinks move and positions re-base
-CHUNKS = [5, 7, 1, 1, 9, 3, 1, 1, 1, 12, 1, 1, 1]  # sums to STREAM; chunks larger than the slack grow the buffer
+# sums to STREAM: chunks that compact the buffer, one (17) larger than the slack (16) that grows it, then a token
+# that shrinks it back
+CHUNKS = [5, 7, 1, 1, 9, 3, 17, 1]
 PADDING = 5  # the batch's first row is left-padded by this many columns
 
 

@@ -14,9 +14,10 @@ projections, and to gather the logits). Every rank therefore computes the same l
 Without ``--model`` every rank builds the same tiny random Llama (4 heads, 2 key/value heads, seeded) and saves it to
 a folder of its own. ``--model`` takes a saved model (safetensors) whose head counts divide by the number of ranks.
 The bundled SmolLM2-135M (9 heads, 3 key/value heads: 3 ranks) is a GGUF file, which transformers loads whole on
-every rank, ignoring the plan; saved as safetensors it shards. Each rank prints what its cache holds (its
-``SinkCache.nbytes`` and the bytes of a DynamicCache holding the window's tokens); rank 0 prints the tokens.
-``--nproc_per_node 1`` is the single-process baseline.
+every rank, ignoring the plan; in safetensors (``--model HuggingFaceTB/SmolLM2-135M-Instruct``, with network access)
+it shards. Each rank prints what it holds: its ``SinkCache.nbytes``, the bytes of a DynamicCache holding the window's
+tokens, its share of the weights and its resident memory; rank 0 prints the tokens. ``--nproc_per_node 1`` is the
+single-process baseline.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def load_tensor_parallel(path: str | Path, **kwargs: Any) -> PreTrainedModel:
             raise ValueError(f"{path}: {name} is {count}, which {world} processes cannot share evenly. Run "
                              f"torchrun with a --nproc_per_node (times --nnodes) that divides {count}.")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # initialize_tensor_parallelism's own deprecation, 5.2x
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations inside its own TP setup
         model = AutoModelForCausalLM.from_pretrained(path, **tensor_parallel_kwargs(), **kwargs)
     return model.eval()
 
@@ -108,7 +109,7 @@ def weight_bytes(model: PreTrainedModel) -> int:
 
 def prompt(model: PreTrainedModel, window: int) -> torch.Tensor:
     """A prompt of one window (prefilled in one chunk), so that the DynamicCache compared with holds as many tokens."""
-    return torch.arange(3, 3 + window)[None] % model.config.vocab_size
+    return (torch.arange(3, 3 + window)[None] % model.config.vocab_size).to(model.device)
 
 
 def stream(model: PreTrainedModel, window: int, sinks: int, tokens: int) -> tuple[torch.Tensor, SinkCache]:

@@ -204,11 +204,13 @@ def test_accelerate_offloaded_layers(tmp_path):
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
                                                      offload_folder=tmp_path / "offload").eval()
     tokens = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(10))
-    logits = []
+    logits, sizes = [], []
     for model in (plain, offloaded):
         enable_streaming(model, WINDOW, SINKS)
         cache = SinkCache(WINDOW, SINKS)
         with torch.no_grad():
             logits.append(torch.cat([model(input_ids=tokens[:, t : t + 1], **{CACHE_KWARG: cache}).logits
                                      for t in range(40)], dim=1))
+        sizes.append(cache.nbytes)
     assert (logits[0] - logits[1]).abs().max() < 1e-4
+    assert sizes[0] == sizes[1]  # the offloaded layer's cache lives where it runs (here the CPU), as the plain one's

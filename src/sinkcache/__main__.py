@@ -1,7 +1,8 @@
 """``python -m sinkcache COMMAND [options]``: the library's commands.
 
 * ``sinks``: measure a model's attention sinks (``sinkcache.sinks``);
-* ``perplexity``: the perplexity benchmark (``sinkcache.perplexity``, also ``benchmarks/perplexity.py``).
+* ``perplexity``: the perplexity benchmark (``sinkcache.perplexity``, also ``benchmarks/perplexity.py``);
+* ``recall``: a recall probe, planted passcodes asked for inside and beyond the window (``sinkcache.recall``).
 
 ``python -m sinkcache COMMAND --help`` lists a command's options. Exit status 2 with one line on stderr for bad
 input, as each command does.
@@ -12,7 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark"}
+COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark",
+            "recall": "a recall probe: planted passcodes asked for at growing distances"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .sinks import main as sinks_main
 
         return sinks_main(rest)
+    if command == "recall":
+        from .recall import main as recall_main
+
+        return recall_main(rest)
     if command == "perplexity":
         from .perplexity import main as perplexity_main
 

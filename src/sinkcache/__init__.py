@@ -13,6 +13,7 @@ from .cache import NotEnabledError, SinkCache
 from .compat import CACHE_KWARG
 from .patch import disable_streaming, enable_streaming, is_streaming
 from .rotary import UnsupportedModelError
+from .sinks import SinkMeasureError, SinkReport, measure_sinks
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,5 +25,8 @@ __all__ = [
     "is_streaming",
     "NotEnabledError",
     "UnsupportedModelError",
+    "measure_sinks",
+    "SinkReport",
+    "SinkMeasureError",
     "__version__",
 ]

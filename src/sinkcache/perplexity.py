@@ -17,6 +17,16 @@ token longer, its first token being context only. The regimes see the same strea
   ``window_length + 1`` tokens including itself, at positions ``0..window_length``. Each token costs a forward
   over the whole window, so only the first ``recompute_tokens`` tokens are scored.
 
+Sink-count sweep (``sink_counts``, on the command line ``--num-sink-tokens 0,1,2,4,8``): the ``sink`` regime runs
+once per count at the same total cache size ``window_length``, as results ``sink-0``, ``sink-1``, ...; the summary's
+``sweep`` section lists the perplexity per count, the attention share the first ``count`` tokens receive (from
+``sinkcache.measure_sinks`` over a dense forward of the stream's first tokens) and ``recommend_sink_count``'s choice:
+the smallest count whose perplexity is within ``tolerance`` of the best.
+
+Meaningless sinks (``sink_prefix``, StreamingLLM's ablation of what the sinks say): ``num_sink_tokens`` copies of
+``sink_prefix``'s tokens (e.g. ``"\n"``) are put before the text in every regime and never scored, so ``sink`` keeps
+them instead of the text's first tokens; every regime scores the same text tokens as without the prefix.
+
 With ``chunk_size`` n > 1 the cached regimes feed n tokens per forward call (``recompute`` is always per token):
 ``dense`` is unchanged up to float rounding, while in ``window``/``sink`` chunk token ``i`` also sees chunk tokens
 ``0..i`` (nothing is evicted during a call), i.e. up to ``n - 1`` more tokens than with one token per call.
@@ -30,6 +40,7 @@ activations) is reported separately as the increase over the resident size at th
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import ctypes
 import gc
@@ -37,8 +48,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +85,9 @@ class Settings:
     num_tokens: int = 1000  # tokens scored; the stream has one more
     window_length: int = 128  # tokens cached, sinks included
     num_sink_tokens: int = 4
+    sink_counts: tuple[int, ...] = ()  # a sweep: the `sink` regime once per count (empty: num_sink_tokens only)
+    tolerance: float = 0.02  # a sweep's recommendation: the smallest count within this of the best perplexity
+    sink_prefix: str | None = None  # the sinks are num_sink_tokens tokens of this text, put before the stream
     regimes: tuple[str, ...] = REGIMES
     chunk_size: int = 1  # tokens per forward call in dense/window/sink
     recompute_tokens: int = 256  # tokens scored by recompute (the first ones of the stream)
@@ -105,6 +119,23 @@ class Settings:
             raise BenchmarkError(
                 f"--window-length ({self.window_length}) must be larger than --num-sink-tokens "
                 f"({self.num_sink_tokens}): the cache holds the sinks plus at least one recent token.")
+        if self.sink_counts:
+            bad = [count for count in self.sink_counts if not 0 <= count < self.window_length]
+            if bad:
+                raise BenchmarkError(f"--num-sink-tokens {bad[0]} is out of range: each count of a sweep must be "
+                                     f">= 0 and below --window-length ({self.window_length}).")
+            if len(set(self.sink_counts)) != len(self.sink_counts):
+                raise BenchmarkError("--num-sink-tokens lists a count twice; give each count once, e.g. 0,1,2,4,8.")
+            if "sink" not in self.regimes or "recompute" in self.regimes:
+                raise BenchmarkError("a sweep over --num-sink-tokens runs the sink regime once per count: pass "
+                                     "--regimes with sink and without recompute (which takes one count), e.g. "
+                                     "--regimes window,sink.")
+            if self.sink_prefix is not None:
+                raise BenchmarkError("--sink-prefix takes a single --num-sink-tokens, not a sweep.")
+        if not 0 <= self.tolerance < 1:
+            raise BenchmarkError(f"--tolerance must be in [0, 1), got {self.tolerance}.")
+        if self.sink_prefix is not None and (self.sink_prefix == "" or self.num_sink_tokens == 0):
+            raise BenchmarkError("--sink-prefix needs a non-empty text and --num-sink-tokens of at least 1.")
         if self.dtype not in DTYPES:
             raise BenchmarkError(f"unknown --dtype {self.dtype}; choose from {', '.join(DTYPES)}.")
         if self.text is not None and self.dataset is not None:
@@ -123,6 +154,7 @@ class RegimeResult:
     nll: torch.Tensor  # [tokens scored] float64 NLL in nats, stream order
     seconds: float  # wall time of the stream, model and tokens already loaded
     memory: dict[str, Any] = field(default_factory=dict)  # see PeakMemory.result
+    num_sink_tokens: int | None = None  # the sinks its cache kept (None: the run's num_sink_tokens)
 
 
 # ---- the four regimes -------------------------------------------------------------------------------------------
@@ -241,30 +273,35 @@ class PeakMemory:
         return {"peak_memory_bytes": self.peak, "peak_memory_increase_bytes": increase, "memory_method": method}
 
 
-def run_regime(model: PreTrainedModel, tokens: torch.Tensor, regime: str, settings: Settings) -> RegimeResult:
-    """Score the stream ``tokens`` (``[num_tokens + 1]``) under one regime, with its timing and peak memory.
+def run_regime(model: PreTrainedModel, tokens: torch.Tensor, regime: str, settings: Settings,
+               scored_from: int = 0, name: str | None = None) -> RegimeResult:
+    """Score the stream ``tokens`` (``[scored_from + num_tokens + 1]``) under one regime, with its timing and peak
+    memory, using ``settings.num_sink_tokens`` sinks.
 
-    ``recompute`` scores only the first ``settings.recompute_tokens`` tokens. A ``SinkCache`` regime needs
-    ``enable_streaming(model)`` to be in effect.
+    The first ``scored_from`` tokens (a ``sink_prefix``) are fed but their NLL, and the NLL of the token after them,
+    is not kept: the result scores the same ``num_tokens`` as the stream without them. ``recompute`` scores only
+    the first ``settings.recompute_tokens`` tokens. A ``SinkCache`` regime needs ``enable_streaming(model)``.
     """
     from tqdm.auto import tqdm
 
-    count = len(tokens) - 1
+    count = len(tokens) - 1 - scored_from
     if regime == "recompute":
         count = min(count, settings.recompute_tokens)
+    tokens = tokens[: scored_from + count + 1]
+    name = name or regime
     device = tokens.device
-    with tqdm(total=count, desc=f"{regime:>9}", unit="tok", disable=not settings.progress) as bar, \
+    with tqdm(total=scored_from + count, desc=f"{name:>9}", unit="tok", disable=not settings.progress) as bar, \
             PeakMemory(device) as memory:
         start = time.perf_counter()
         if regime == "recompute":
-            nll = recompute_nll(model, tokens[: count + 1], settings.window_length, settings.num_sink_tokens, bar)
+            nll = recompute_nll(model, tokens, settings.window_length, settings.num_sink_tokens, bar)
         else:
             cache = make_cache(regime, settings.window_length, settings.num_sink_tokens)
             nll = stream_nll(model, tokens, cache, settings.chunk_size, bar)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    return RegimeResult(regime, nll, seconds, memory.result())
+    return RegimeResult(name, nll[scored_from:], seconds, memory.result(), settings.num_sink_tokens)
 
 
 # ---- text ------------------------------------------------------------------------------------------------------
@@ -374,7 +411,8 @@ def summarize(results: Sequence[RegimeResult], settings: Settings, extra: dict[s
     regimes = {}
     for result in results:
         regimes[result.name] = {
-            "context": describe(result.name, settings.window_length, settings.num_sink_tokens),
+            "context": describe(result.name.partition("-")[0], settings.window_length,
+                                settings.num_sink_tokens if result.num_sink_tokens is None else result.num_sink_tokens),
             "tokens_scored": len(result.nll),
             "perplexity": perplexity(result.nll),
             "mean_nll_nats": result.nll.mean().item(),
@@ -385,6 +423,12 @@ def summarize(results: Sequence[RegimeResult], settings: Settings, extra: dict[s
         }
     config = {key: value for key, value in asdict(settings).items() if key != "progress"}
     config["regimes"] = list(settings.regimes)
+    if settings.sink_counts:
+        config["sink_counts"] = list(settings.sink_counts)
+    else:  # a run without a sweep writes the same config as before sweeps existed
+        del config["sink_counts"], config["tolerance"]
+    if settings.sink_prefix is None:
+        del config["sink_prefix"]
     return {
         "benchmark": "sinkcache perplexity (StreamingLLM long-text protocol)",
         "sinkcache_version": __version__,
@@ -435,8 +479,110 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         axis.set_ylabel("log PPL (nats)")
         axis.grid(alpha=0.3)
     axes[0].legend()
+    sinks = ",".join(map(str, config["sink_counts"])) if config.get("sink_counts") else config["num_sink_tokens"]
     fig.suptitle(f"{summary['model_name']}: cache {config['window_length']} tokens, "
-                 f"{config['num_sink_tokens']} sinks, {config['chunk_size']} token(s) per call")
+                 f"{sinks} sinks, {config['chunk_size']} token(s) per call")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the sink-count sweep --------------------------------------------------------------------------------------
+def recommend_sink_count(perplexity_by_count: Mapping[int, float], tolerance: float = 0.02) -> int:
+    """The smallest sink count whose perplexity is at most ``(1 + tolerance)`` times the best one.
+
+    Args:
+        perplexity_by_count: perplexity per number of sink tokens, all at the same total cache size.
+        tolerance: relative slack, e.g. 0.02 for 2 %.
+
+    Raises:
+        ValueError: an empty mapping.
+    """
+    if not perplexity_by_count:
+        raise ValueError("no sink counts to choose from")
+    best = min(perplexity_by_count.values())
+    return min(count for count, value in perplexity_by_count.items() if value <= best * (1 + tolerance))
+
+
+def sink_attention(model: PreTrainedModel, tokens: torch.Tensor, counts: Sequence[int]) -> dict[str, Any]:
+    """Mean attention share (all layers and heads) the stream's first ``count`` tokens receive, per count.
+
+    Measured by ``measure_sinks`` over one dense forward of the stream's first ``min(len(tokens), 1024)`` tokens,
+    queries past the first quarter of them: what the sinks draw while the model sees everything before them.
+    A model whose attention weights cannot be read gets ``None`` shares and the reason.
+    """
+    from .sinks import SinkMeasureError, measure_sinks
+
+    length = min(len(tokens), 1024)
+    method = f"measure_sinks over the stream's first {length} tokens, queries at positions >= {length // 4}"
+    if max(counts) == 0:
+        return {"share": [0.0] * len(counts), "method": method}
+    try:
+        report = measure_sinks(model, tokens[:length], num_first=max(counts), skip=length // 4)
+    except SinkMeasureError as error:
+        return {"share": [None] * len(counts), "method": f"not measured: {error}"}
+    return {"share": [report.share[..., :count].sum(-1).mean().item() for count in counts], "method": method}
+
+
+def sweep_summary(summary: dict[str, Any], settings: Settings, attention: dict[str, Any]) -> dict[str, Any]:
+    """The ``sweep`` section of ``results.json``: per count its perplexity and sink attention, and the choice."""
+    counts = list(settings.sink_counts)
+    values = [summary["regimes"][f"sink-{count}"]["perplexity"] for count in counts]
+    best = min(values)
+    return {
+        "window_length": settings.window_length,
+        "counts": counts,
+        "perplexity": values,
+        "sink_attention_share": attention["share"],
+        "sink_attention_method": attention["method"],
+        "tolerance": settings.tolerance,
+        "best_num_sink_tokens": counts[values.index(best)],
+        "recommended_num_sink_tokens": recommend_sink_count(dict(zip(counts, values)), settings.tolerance),
+    }
+
+
+def format_sweep(sweep: dict[str, Any]) -> str:
+    """The sweep as a markdown table plus the recommendation, one line."""
+    lines = [f"| sinks (cache {sweep['window_length']}) | perplexity | attention on the sinks |",
+             "| ---: | ---: | ---: |"]
+    for count, value, share in zip(sweep["counts"], sweep["perplexity"], sweep["sink_attention_share"]):
+        lines.append(f"| {count} | {value:.3f} | {'n/a' if share is None else f'{share:.1%}'} |")
+    best = sweep["perplexity"][sweep["counts"].index(sweep["best_num_sink_tokens"])]
+    lines.append(f"recommended --num-sink-tokens {sweep['recommended_num_sink_tokens']}: the smallest count within "
+                 f"{sweep['tolerance']:.0%} of the best perplexity ({best:.3f}, {sweep['best_num_sink_tokens']} "
+                 "sinks)")
+    return "\n".join(lines)
+
+
+def plot_sweep(summary: dict[str, Any], path: Path) -> None:
+    """Save perplexity against sink count (and the attention the sinks receive, on a second axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    sweep = summary["sweep"]
+    places = range(len(sweep["counts"]))  # evenly spaced: counts are usually 0, 1, 2, 4, 8
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    axis.plot(places, sweep["perplexity"], marker="o", color="tab:blue", label="perplexity")
+    axis.set_xticks(list(places), [str(count) for count in sweep["counts"]])
+    axis.set_xlabel(f"sink tokens (of a {sweep['window_length']}-token cache)")
+    axis.set_ylabel("perplexity", color="tab:blue")
+    axis.grid(alpha=0.3)
+    recommended = sweep["counts"].index(sweep["recommended_num_sink_tokens"])
+    label = f"recommended ({sweep['recommended_num_sink_tokens']}, within {sweep['tolerance']:.0%} of the best)"
+    axis.axvline(recommended, color="grey", linestyle=":", label=label)
+    if all(share is not None for share in sweep["sink_attention_share"]):
+        share_axis = axis.twinx()
+        share_axis.bar(places, [100 * share for share in sweep["sink_attention_share"]], alpha=0.25,
+                       color="tab:orange")
+        share_axis.set_ylabel("attention on the sinks (%)", color="tab:orange")
+        axis.set_zorder(share_axis.get_zorder() + 1)
+        axis.patch.set_visible(False)
+    axis.legend(loc="upper right")
+    config = summary["config"]
+    axis.set_title(f"{summary['model_name']}\n{config['num_tokens']:,} tokens, "
+                   f"{config['chunk_size']} token(s) per call")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -497,11 +643,13 @@ def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> d
     if model is None or tokenizer is None:
         tokenizer = load_tokenizer(settings.model, settings.gguf_file)
         tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
+        prefix = sink_prefix_ids(tokenizer, settings)  # checked before the (slow) model load, as the text is
         model = load_model(settings.model, settings.gguf_file, settings)
     else:
         tokens = token_stream(tokenizer, docs, settings.num_tokens + 1)
+        prefix = sink_prefix_ids(tokenizer, settings)
     device = next(model.parameters()).device
-    tokens = tokens.to(device)
+    tokens = torch.cat([torch.tensor(prefix, dtype=tokens.dtype), tokens]).to(device)
     output = Path(settings.output)
     output.mkdir(parents=True, exist_ok=True)
     try:
@@ -509,7 +657,13 @@ def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> d
     except UnsupportedModelError as error:
         raise BenchmarkError(f"this model cannot stream with a SinkCache: {error}") from None
     try:
-        results = [run_regime(model, tokens, regime, settings) for regime in settings.regimes]
+        results = []
+        for regime in settings.regimes:
+            if regime == "sink" and settings.sink_counts:
+                results += [run_regime(model, tokens, regime, replace(settings, num_sink_tokens=count), len(prefix),
+                                       f"sink-{count}") for count in settings.sink_counts]
+            else:
+                results.append(run_regime(model, tokens, regime, settings, len(prefix)))
     finally:
         disable_streaming(model)
     config = model.config.get_text_config(decoder=True)
@@ -520,10 +674,29 @@ def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> d
         "machine": machine.describe(device, torch.get_num_threads()),
         "wall_seconds": time.perf_counter() - started,  # load + tokenize + every regime
     }
+    if prefix:
+        extra["sink_prefix_token_ids"] = prefix
     summary = summarize(results, settings, extra)
+    if settings.sink_counts:
+        summary["sweep"] = sweep_summary(summary, settings, sink_attention(model, tokens, settings.sink_counts))
+        summary["wall_seconds"] = time.perf_counter() - started
     (output / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, output / "perplexity.png")
+    if settings.sink_counts:
+        plot_sweep(summary, output / "sink_sweep.png")
     return summary
+
+
+def sink_prefix_ids(tokenizer: Any, settings: Settings) -> list[int]:
+    """The ``num_sink_tokens`` token ids put before the stream for ``sink_prefix``: its tokens, repeated (none
+    without a prefix). ``"\\n"`` gives that many newline tokens."""
+    if settings.sink_prefix is None:
+        return []
+    ids = tokenizer(settings.sink_prefix, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise BenchmarkError(f"--sink-prefix {settings.sink_prefix!r} has no tokens; pass a text this tokenizer "
+                             "keeps (a word, for one that drops white space).")
+    return (ids * settings.num_sink_tokens)[: settings.num_sink_tokens]
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
@@ -551,7 +724,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-split", default=d.dataset_split, help="split of --dataset")
     p.add_argument("--num-tokens", type=int, default=d.num_tokens, help="tokens scored (the stream has one more)")
     p.add_argument("--window-length", type=int, default=d.window_length, help="tokens cached, sinks included")
-    p.add_argument("--num-sink-tokens", type=int, default=d.num_sink_tokens, help="first tokens kept forever")
+    p.add_argument("--num-sink-tokens", default=str(d.num_sink_tokens),
+                   help="first tokens kept forever; a comma-separated list (0,1,2,4,8) sweeps the sink regime over "
+                        "those counts at the same --window-length")
+    p.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help="a sweep recommends the smallest count whose perplexity is within this of the best")
+    p.add_argument("--sink-prefix", metavar="TEXT", default=d.sink_prefix,
+                   help="put --num-sink-tokens tokens of TEXT before the stream (not scored) as sinks that carry "
+                        "no meaning; backslash escapes are read: '\\n' is a newline")
     p.add_argument("--regimes", default=",".join(d.regimes), help="comma-separated, from " + ", ".join(REGIMES))
     p.add_argument("--chunk-size", type=int, default=d.chunk_size,
                    help="tokens per forward call in dense/window/sink (recompute is always per token)")
@@ -571,20 +751,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sink_counts(text: str) -> tuple[int, ...]:
+    """``--num-sink-tokens``: one count, or several separated by commas."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise BenchmarkError(f"--num-sink-tokens {text!r} is not a count or a comma-separated list of counts; "
+                             "e.g. 4, or 0,1,2,4,8 for a sweep.") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input, with one line on stderr)."""
     try:
         args = vars(parser().parse_args(argv))
         args["regimes"] = tuple(name.strip() for name in args["regimes"].split(",") if name.strip())
+        counts = _sink_counts(args.pop("num_sink_tokens"))
+        args["num_sink_tokens"], args["sink_counts"] = (counts[0], ()) if len(counts) == 1 else (max(counts), counts)
+        if args["sink_prefix"] is not None:
+            args["sink_prefix"] = codecs.decode(args["sink_prefix"], "unicode_escape")
         settings = Settings(**args)
         summary = run(settings)
     except BenchmarkError as error:
         print(f"perplexity.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(format_table(summary))
+    if "sweep" in summary:
+        print(format_sweep(summary["sweep"]))
     limit = summary["model_max_positions"]
     if "dense" in settings.regimes and limit and settings.num_tokens + 1 > limit:
         print(f"dense: tokens past the model's {limit:,}-token context are at positions it was not trained on.")
+    plots = "perplexity.png" + (" and sink_sweep.png" if "sweep" in summary else "")
     print(f"wall time {summary['wall_seconds']:.0f} s; results in {Path(settings.output) / 'results.json'}, "
-          f"plot in {Path(settings.output) / 'perplexity.png'}")
+          f"plot in {Path(settings.output) / plots}")
     return 0

@@ -1,0 +1,46 @@
+"""``python -m sinkcache COMMAND [options]``: the library's commands.
+
+* ``sinks``: measure a model's attention sinks (``sinkcache.sinks``);
+* ``perplexity``: the perplexity benchmark (``sinkcache.perplexity``, also ``benchmarks/perplexity.py``);
+* ``recall``: a recall probe, planted passcodes asked for inside and beyond the window (``sinkcache.recall``).
+
+``python -m sinkcache COMMAND --help`` lists a command's options. Exit status 2 with one line on stderr for bad
+input, as each command does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark",
+            "recall": "a recall probe: planted passcodes asked for at growing distances"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to a command's ``main``; returns its exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        listing = "; ".join(f"{name}: {what}" for name, what in COMMANDS.items())
+        print(f"usage: python -m sinkcache {{{','.join(COMMANDS)}}} [options] ({listing})")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "sinks":
+        from .sinks import main as sinks_main
+
+        return sinks_main(rest)
+    if command == "recall":
+        from .recall import main as recall_main
+
+        return recall_main(rest)
+    if command == "perplexity":
+        from .perplexity import main as perplexity_main
+
+        return perplexity_main(rest)
+    print(f"sinkcache: error: unknown command {command!r}; choose from {', '.join(COMMANDS)} (see --help).",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

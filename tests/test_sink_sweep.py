@@ -1,0 +1,125 @@
+"""The perplexity benchmark's sink-count sweep, its recommendation, and meaningless sinks (``--sink-prefix``).
+
+Tiny random models (tests/zoo.py) and the saved tiny Llama of tests/test_perplexity.py, no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from sinkcache import offline
+from sinkcache.perplexity import Settings, main, recommend_sink_count, run
+from tests.test_perplexity import CLI, one_error_line, tiny_folder  # noqa: F401  (tiny_folder is a fixture)
+from tests.zoo import tiny_model
+
+
+def test_recommendation_is_the_smallest_count_within_tolerance_of_the_best():
+    sweep = {0: 20.0, 1: 10.3, 2: 10.1, 4: 10.0, 8: 10.05}
+    assert recommend_sink_count(sweep, 0.02) == 2  # 10.3 > 1.02 * 10.0 = 10.2 >= 10.1
+    assert recommend_sink_count(sweep, 0.05) == 1
+    assert recommend_sink_count(sweep, 0.0) == 4
+    assert recommend_sink_count({8: 5.0, 0: 5.0}) == 0  # ties: the smaller count
+    with pytest.raises(ValueError):
+        recommend_sink_count({})
+
+
+def test_sweep_runs_the_sink_regime_once_per_count(tiny_folder, tmp_path):  # noqa: F811  (the fixture)
+    settings = Settings(model=str(tiny_folder), num_tokens=60, window_length=16, sink_counts=(0, 1, 2, 4),
+                        regimes=("window", "sink"), segment_size=10, output=str(tmp_path), progress=False)
+    summary = run(settings)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "sink_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(summary["regimes"]) == ["window", "sink-0", "sink-1", "sink-2", "sink-4"]
+    regimes = summary["regimes"]
+    assert regimes["sink-2"]["context"] == "2 sinks + last 14 tokens (SinkCache)"
+    assert all(regimes[name]["tokens_scored"] == 60 for name in regimes)
+    # 0 sinks is window attention, token for token; before the first eviction every count sees the same tokens
+    assert regimes["sink-0"]["perplexity"] == regimes["window"]["perplexity"]
+    first = regimes["sink-0"]["segments"][0]["perplexity"]
+    assert all(math.isclose(regimes[f"sink-{n}"]["segments"][0]["perplexity"], first, rel_tol=1e-5) for n in (1, 2, 4))
+    assert regimes["sink-4"]["perplexity"] != regimes["sink-0"]["perplexity"]
+
+    sweep = summary["sweep"]
+    assert sweep["counts"] == [0, 1, 2, 4] and sweep["window_length"] == 16 and sweep["tolerance"] == 0.02
+    assert sweep["perplexity"] == [regimes[f"sink-{n}"]["perplexity"] for n in (0, 1, 2, 4)]
+    assert sweep["recommended_num_sink_tokens"] == recommend_sink_count(dict(zip(sweep["counts"],
+                                                                                 sweep["perplexity"])), 0.02)
+    assert sweep["perplexity"][sweep["counts"].index(sweep["best_num_sink_tokens"])] == min(sweep["perplexity"])
+    shares = sweep["sink_attention_share"]
+    assert shares[0] == 0.0 and all(0 < a < b <= 1 for a, b in zip(shares[1:], shares[2:]))
+    assert "measure_sinks" in sweep["sink_attention_method"]
+
+
+def test_a_single_count_writes_what_it_wrote_before_sweeps(tiny_folder, tmp_path):  # noqa: F811  (the fixture)
+    summary = run(Settings(model=str(tiny_folder), num_tokens=30, window_length=16, regimes=("window", "sink"),
+                           output=str(tmp_path), progress=False))
+    assert "sweep" not in summary and not (tmp_path / "sink_sweep.png").exists()
+    assert not {"sink_counts", "tolerance", "sink_prefix"} & set(summary["config"])
+    assert "sink_prefix_token_ids" not in summary and list(summary["regimes"]) == ["window", "sink"]
+
+
+def test_sweep_from_the_command_line(tiny_folder, tmp_path):  # noqa: F811  (the fixture)
+    text = tmp_path / "stream.txt"
+    text.write_text(offline.default_text()[:5_000])
+    command = [sys.executable, str(CLI), "--model", str(tiny_folder), "--text", str(text), "--num-tokens", "40",
+               "--window-length", "12", "--num-sink-tokens", "0,2,4", "--regimes", "sink", "--tolerance", "0.5",
+               "--output", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert summary["config"]["sink_counts"] == [0, 2, 4] and summary["sweep"]["tolerance"] == 0.5
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[2:5] == ["sink-0", "sink-2", "sink-4"] and rows[-3:] == ["0", "2", "4"]
+    recommended = summary["sweep"]["recommended_num_sink_tokens"]
+    assert f"recommended --num-sink-tokens {recommended}: the smallest count within 50% of the best" in done.stdout
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--num-sink-tokens", "0,x"], "--num-sink-tokens '0,x' is not a count"),
+    (["--num-sink-tokens", "0,1"], "pass --regimes with sink and without recompute"),
+    (["--num-sink-tokens", "1,1", "--regimes", "sink"], "lists a count twice"),
+    (["--num-sink-tokens=-1,2", "--regimes", "sink"], "--num-sink-tokens -1 is out of range"),
+    (["--num-sink-tokens", "0,16", "--window-length", "16", "--regimes", "sink"], "must be larger than"),
+    (["--num-sink-tokens", "0,4", "--regimes", "sink", "--sink-prefix", "x"], "--sink-prefix takes a single"),
+    (["--num-sink-tokens", "0", "--sink-prefix", "x"], "--sink-prefix needs a non-empty text"),
+    (["--num-sink-tokens", "0,4", "--regimes", "sink", "--tolerance", "1.5"], "--tolerance must be in [0, 1)"),
+])
+def test_bad_sweep_input_is_one_line_and_status_2(argv, expected, capsys, tmp_path):
+    assert main([*argv, "--output", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert expected in one_error_line(captured.err) and captured.out == ""
+
+
+# ---- meaningless sinks -----------------------------------------------------------------------------------------
+def test_prefix_tokens_are_the_sinks_and_are_not_scored(tiny_folder, tmp_path):  # noqa: F811  (the fixture)
+    """A 1-layer model streams exactly like a fresh forward over what it keeps (test_perplexity.py), so with the
+    prefix the sink regime must equal re-computation whose sinks are the prefix tokens, on the same 40 targets."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    text = tmp_path / "stream.txt"
+    text.write_text(offline.default_text()[:5_000])
+
+    def summary(prefix):
+        return run(Settings(text=str(text), num_tokens=40, window_length=12, num_sink_tokens=2, sink_prefix=prefix,
+                            regimes=("dense", "sink", "recompute"), recompute_tokens=40, output=str(tmp_path),
+                            progress=False), tiny_model("llama", layers=1), tokenizer)
+
+    prefixed, plain = summary("the"), summary(None)
+    the = tokenizer("the", add_special_tokens=False)["input_ids"]
+    assert prefixed["sink_prefix_token_ids"] == the * 2 and prefixed["config"]["sink_prefix"] == "the"
+    assert all(regime["tokens_scored"] == 40 for regime in prefixed["regimes"].values())
+    sink, recompute = (prefixed["regimes"][name]["perplexity"] for name in ("sink", "recompute"))
+    assert math.isclose(sink, recompute, rel_tol=1e-5)
+    assert not math.isclose(sink, plain["regimes"]["sink"]["perplexity"], rel_tol=1e-3)  # other sinks, other NLL
+
+
+def test_a_prefix_without_tokens_is_refused(tiny_folder, tmp_path, capsys):  # noqa: F811  (the fixture)
+    """'\\n' on the command line is read as a newline, which the tiny word-level tokenizer drops entirely."""
+    assert main(["--model", str(tiny_folder), "--num-tokens", "20", "--window-length", "8", "--num-sink-tokens", "2",
+                 "--sink-prefix", "\\n", "--output", str(tmp_path)]) == 2
+    assert "--sink-prefix '\\n' has no tokens" in one_error_line(capsys.readouterr().err)

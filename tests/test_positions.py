@@ -7,6 +7,7 @@ import torch
 
 import sinkcache
 from sinkcache import CACHE_KWARG, SinkCache, compat, enable_streaming
+from sinkcache.cache import SlidingLayer
 from tests.oracle import contract_visible, oracle_logits, recompute_logits
 from tests.zoo import ARCHITECTURES, tiny_model
 
@@ -116,13 +117,16 @@ def test_window_and_sink_settings(window, sinks):
 
 @pytest.mark.parametrize(("arch", "local_window", "rolls"), [
     ("llama", None, True), ("qwen3", None, True),  # qwen3 has a sliding_window size, switched off
-    ("qwen2", 6, False), ("mistral", 14, False),  # sliding windows shorter than the cache: slot order must stay
+    ("qwen2", 6, True), ("gemma2", 6, True),  # sliding windows that cannot reach a sink: a storage of their own
+    ("mistral", 14, False), ("gemma3", 14, False),  # windows of 14 reach a sink of a 16-token cache: slot order stays
 ])
 def test_rolls_in_place_unless_a_local_window_is_shorter(arch, local_window, rolls):
-    """Past the window, one-token calls roll the region in place (ring order) unless a sliding window shorter than
-    the cache needs stream order. Runs of one-token calls (long enough for re-bases while rolling) alternate with
-    chunks, which unroll the ring at different phases; every logit must match the oracle."""
-    model = tiny_model(arch)
+    """Past the window, one-token calls roll the full-attention layers' region in place (ring order) unless one of
+    those layers has a sliding window shorter than the cache, which needs stream order. A sliding layer whose window
+    cannot reach a sink (window - 1 <= window_length - sinks) keeps a storage of its own and rolls by itself. Runs
+    of one-token calls (long enough for re-bases while rolling) alternate with chunks, which unroll the rings at
+    different phases; every logit must match the oracle."""
+    model = tiny_model(arch, "eager" if arch == "gemma2" else "sdpa")
     enable_streaming(model, WINDOW, SINKS)
     assert sinkcache.patch._ENABLED[model].rope.local_window == local_window
     chunks = [20] + [1] * 30 + [3] + [1] * 25 + [7] + [1] * 40 + [2] + [1] * 9
@@ -135,6 +139,9 @@ def test_rolls_in_place_unless_a_local_window_is_shorter(arch, local_window, rol
             rolled += cache.ring is not None
             start += n
     assert (rolled > 90) if rolls else (rolled == 0)
+    own = [layer for layer in cache.layers if isinstance(layer, SlidingLayer)]
+    assert len(own) == (1 if rolls and local_window else 0)
+    assert all(layer.keys.shape[-2] == local_window for layer in own)  # a ring of w slots after one-token calls
     want = oracle_logits(model, tokens, contract_visible(chunks, WINDOW, SINKS), SINKS)
     assert (torch.cat(out) - want).abs().max().item() < TOLERANCE
 

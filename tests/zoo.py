@@ -54,14 +54,16 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 
-def tiny_model(name: str, attn: str = "sdpa", layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A deterministic tiny causal LM of architecture ``name`` (a key of ARCHITECTURES, or "gpt2")."""
+def tiny_model(name: str, attn: str = "sdpa", layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
+               **config: object):
+    """A deterministic tiny causal LM of architecture ``name`` (a key of ARCHITECTURES, or "gpt2"); ``config``
+    overrides its config's entries (e.g. ``sliding_window=64``)."""
     if name == "gpt2":
         model_type, overrides = "gpt2", dict(n_embd=64, n_layer=layers, n_head=4, vocab_size=97, n_positions=512)
         kwargs: dict = {}
     else:
         model_type, overrides = ARCHITECTURES[name]
-        kwargs = {**COMMON, "num_hidden_layers": layers, **overrides}
+        kwargs = {**COMMON, "num_hidden_layers": layers, **overrides, **config}
         if "layer_types" in kwargs:
             kwargs["layer_types"] = (kwargs["layer_types"] * layers)[:layers]
     try:

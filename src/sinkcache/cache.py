@@ -11,25 +11,33 @@ A forward call with ``n > 1`` new tokens (a chunk) evicts nothing while it runs:
 cached tokens plus chunk tokens ``0..i``, at positions ``0..L+i``; eviction back to ``window_length`` happens before
 the next call. With one token per call this is the contract above.
 
-Storage (why it is cheap)
--------------------------
-Each layer owns one preallocated buffer of ``window_length + slack`` slots (keys and values side by side), and tokens
-are written in stream order (until the cache rolls in place, below), so the tokens a step attends to are always one
-contiguous slice: a view, never a copy, and the standard causal / sliding-window masks of transformers apply
-unchanged (slot distance == in-cache distance).
+Storage: each layer holds what it can attend to
+-----------------------------------------------
+Two layer kinds, chosen per decoder layer from the model's config (``RopeSpec.sliding_windows``):
+
+* ``SinkLayer`` (full attention, and sliding windows long enough to reach a sink): the sinks plus the window, in one
+  buffer whose keys and values sit side by side. Past the window, one token per call, it holds ``window_length + 1``
+  slots (the kept tokens and the new one) plus the sinks' own copies; a chunk of ``n`` tokens takes
+  ``window_length + n`` slots for that call and gives them back at the next one-token call.
+* ``SlidingLayer`` (a sliding window ``w`` with ``w - 1 <= window_length - num_sink_tokens``): such a layer can never
+  see a sink, so it keeps its last ``w - 1`` tokens only, as transformers' ``DynamicSlidingWindowLayer`` does.
+
+In a ``SinkLayer`` tokens are written in stream order (until the cache rolls in place, below), so the tokens a step
+attends to are always one contiguous slice: a view, never a copy, and the standard causal / sliding-window masks of
+transformers apply unchanged (slot distance == in-cache distance).
 
 * Positions are ``slot - offset``: window keys keep the rotation they were given when they arrived, and the query
   gets the next position, so their distances are right without touching them.
 * The sinks are the only tokens that move: each step they are written into the ``num_sink_tokens`` slots just
   before the oldest window token, rotated in float32 from a stored copy of their *unrotated* keys (one rounding,
-  however long the stream). They are rotated for ``SINKS_AHEAD`` placements at once, then copied.
-* Every ``slack`` tokens the live slice is copied back to the start of the buffer (compaction). More than
+  however long the stream).
+* When the new tokens do not fit, the live slice is copied back to the start of the buffer (compaction). More than
   ``window_length`` tokens apart, the offset is re-based so that positions stay below ``2 * window_length`` plus
-  the call's tokens: a window key is re-rotated (float32, one rounding) at most once in its life.
-  Per token the amortised work is O(sinks + 1).
-* After the first step, layers with the same storage shapes form a ``LayerGroup`` whose buffers are one tensor:
-  ``begin_step`` then moves every layer's sinks with one copy and makes every layer's views with two operations,
-  and a layer's ``update`` only writes the new keys and values.
+  the call's tokens: a window key (of either layer kind) is re-rotated (float32, one rounding) at most once in its
+  life. Per one-token step the work is O(sinks + 1) per layer.
+* After the first step, ``SinkLayer`` s with the same storage shapes form a ``LayerGroup`` whose buffers are one
+  tensor: ``begin_step`` then rotates every layer's sinks with two kernels and makes every layer's views with two
+  operations, and a layer's ``update`` only writes the new keys and values.
 
 Rolling in place
 ----------------
@@ -37,10 +45,12 @@ Once every row's stream is longer than the window, one-token calls stop moving t
 ``window_length + 1`` slots, the sinks its first ones, and each new token overwrites the slot of the token evicted
 after the previous call (a ring). The attended tokens are then no longer in stream order, which attention without a
 mask cannot tell: each key carries its position in its rotation, and the sum over keys does not depend on their
-order. The layers' views and the sinks' slots are then the same at every step, so a step creates no views at all.
-A chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts slot distances), and a
-model with a sliding or chunked attention window shorter than ``window_length + 1`` (``RopeSpec.local_window``)
-never rolls in place, for the same reason. Neither do static shapes: their mask follows stream order.
+order. The layers' views and the sinks' slots are then the same at every step, so a step creates no views and
+writes the sinks' keys only. A chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts
+slot distances), and a model with a ``SinkLayer`` whose sliding or chunked attention window is shorter than
+``window_length + 1`` never rolls in place, for the same reason; its buffer then keeps ``slack`` spare slots, so
+that compaction happens once every ``slack`` tokens. Neither do static shapes: their mask follows stream order. A
+``SlidingLayer`` rolls by itself in a ring of ``w`` slots (see its docstring).
 
 Batches may be left-padded: padding slots are masked and zeroed, never become sinks, and each row's sinks are its own
 first real tokens. Padding after a row's first real token is refused.
@@ -53,8 +63,9 @@ new tokens are written through an index tensor, and the query offset of the caus
 step therefore has the same shapes and the same Python control flow at every step: inside the model's forward the
 cache reads no Python number that changes, so a compiled decode step compiles once. Everything that does depend on
 the step's numbers (the plan, moving the sinks, compaction and the position re-base) runs in ``begin_step``, before
-the model's forward, outside the graph. Each layer keeps a buffer of its own here (see ``LayerGroup``). The price is
-attention over the slack slots too (masked): 1.25x the keys of the default addressing.
+the model's forward, outside the graph. Each layer keeps a buffer of its own here (see ``LayerGroup``), and every
+layer, sliding or not, is a ``SinkLayer``: one mask serves them all. The price is attention over the slack slots too
+(masked): 1.25x the keys of the default addressing, and the memory of that layout on every layer.
 """
 
 from __future__ import annotations
@@ -72,8 +83,7 @@ from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
-_STALE = -(2**62)  # LayerGroup.ahead_start when the pre-placed sinks must be placed again
-SINKS_AHEAD = 8  # the sinks are rotated for this many steps at once, then copied per step
+SINKS_AHEAD = 8  # the rotation table (and the positions of one-token calls) are made for this many steps at once
 
 
 class NotEnabledError(RuntimeError):
@@ -98,6 +108,38 @@ class StepPlan:
     new_mask: torch.Tensor | None  # [batch, num_new] bool validity of the new tokens; None when all valid
     capture: tuple[torch.Tensor, ...] | None  # new tokens that are sinks: row, sink index, column, position
     query_offset: int | torch.Tensor  # the causal mask's index of the first new token (see mask_sizes)
+    real_from: int  # every row holds real tokens from this slot on (a huge number while a row has none)
+
+
+def _receive(layer: SinkLayer | SlidingLayer, key_states: torch.Tensor,
+             value_states: torch.Tensor) -> tuple[StepPlan, torch.Tensor, torch.Tensor]:
+    """What every layer kind checks before storing a step's keys: the step was planned by the hook and this layer
+    has not missed one, no gradients, the shapes the plan expects. Initialises the layer on its first step and
+    returns the plan with the keys and values, padding columns zeroed (so that nothing, not even NaN, leaks from
+    masked slots)."""
+    plan = layer.parent.plan
+    if not layer.is_initialized:  # a new layer (begin_step may have marked it: a reset keeps the layer count)
+        if plan is None:
+            raise NotEnabledError(NOT_ENABLED)
+        if plan.start != 0:  # a layer first seen after the first step missed the stream's first tokens
+            raise RuntimeError(INTERRUPTED)
+    elif not layer.pending:  # begin_step marks every layer: the hook did not run
+        raise NotEnabledError(NOT_ENABLED)
+    if key_states.requires_grad:  # the hook refuses this first; here for callers that plan steps themselves
+        raise RuntimeError(GRAD_MODE)
+    assert plan is not None
+    if not layer.is_initialized:
+        layer.lazy_initialization(key_states, value_states)
+    layer.pending = False
+    if key_states.shape[0] != layer.batch or key_states.shape[-2] != plan.num_new:
+        raise ValueError(
+            f"SinkCache layer {layer.layer_idx} expected keys for batch {layer.batch} and "
+            f"{plan.num_new} tokens, got {tuple(key_states.shape)}."
+        )
+    if plan.new_mask is not None:
+        keep = plan.new_mask.to(key_states.device)[:, None, :, None]
+        key_states, value_states = key_states.masked_fill(~keep, 0), value_states.masked_fill(~keep, 0)
+    return plan, key_states, value_states
 
 
 class SinkLayer(CacheLayerMixin):
@@ -148,6 +190,10 @@ class SinkLayer(CacheLayerMixin):
         self.kv, self.sink_keys, self.sink_values = kv, sink_keys, sink_values
         self.keys, self.values = kv[0, ..., : self.key_dim], kv[1, ..., : self.value_dim]
 
+    @property
+    def batch(self) -> int:
+        return self.kv.shape[1]
+
     def signature(self) -> tuple:
         """Layers with equal signatures can share one group."""
         return tuple(self.kv.shape), self.key_dim, self.value_dim, self.dtype, self.device, id(self.table)
@@ -159,39 +205,9 @@ class SinkLayer(CacheLayerMixin):
         region (sinks first, then the window in stream order, or in ring order when rolling in place) or, with static
         shapes, the whole buffer.
         """
-        plan = self.parent.plan
-        if not self.is_initialized:  # a new layer (begin_step may have marked it: a reset keeps the layer count)
-            if plan is None:
-                raise NotEnabledError(NOT_ENABLED)
-            if plan.start != 0:  # a layer first seen after the first step missed the stream's first tokens
-                raise RuntimeError(INTERRUPTED)
-        elif not self.pending:  # begin_step marks every layer: the hook did not run
-            raise NotEnabledError(NOT_ENABLED)
-        if key_states.requires_grad:  # the hook refuses this first; here for callers that plan steps themselves
-            raise RuntimeError(GRAD_MODE)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.pending = False
-        assert plan is not None
-        if key_states.shape[0] != self.kv.shape[1] or key_states.shape[-2] != plan.num_new:
-            raise ValueError(
-                f"SinkCache layer {self.layer_idx} expected keys for batch {self.kv.shape[1]} and "
-                f"{plan.num_new} tokens, got {tuple(key_states.shape)}."
-            )
-        if plan.new_mask is not None:  # zero padding so that nothing (not even NaN) leaks from masked slots
-            keep = plan.new_mask.to(self.device)[:, None, :, None]
-            key_states = key_states.masked_fill(~keep, 0)
-            value_states = value_states.masked_fill(~keep, 0)
+        plan, key_states, value_states = _receive(self, key_states, value_states)
         if plan.capture is not None:
             self._capture_sinks(plan.capture, key_states, value_states)
-        if self.parent.static_shapes:  # one index_copy_ into the layer's own tensor: what a compiled step handles best
-            if self.key_dim != self.value_dim:  # the narrower one is padded to the storage's width
-                width = self.kv.shape[-1]
-                key_states = F.pad(key_states, (0, width - self.key_dim))
-                value_states = F.pad(value_states, (0, width - self.value_dim))
-            assert isinstance(plan.write_at, torch.Tensor)
-            self.kv.index_copy_(3, plan.write_at, torch.stack((key_states, value_states)))
-            return self.kv[0, ..., : self.key_dim], self.kv[1, ..., : self.value_dim]
         self.keys[:, :, plan.write_at] = key_states
         self.values[:, :, plan.write_at] = value_states
         if self.attending is None:  # the first step, before the layers are grouped
@@ -205,7 +221,7 @@ class SinkLayer(CacheLayerMixin):
         self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
         if self.group is not None:
-            self.group.ahead_start, self.group.sinks_changed = _STALE, True
+            self.group.sinks_changed, self.group.values_at = True, -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
@@ -242,6 +258,147 @@ class SinkLayer(CacheLayerMixin):
         )
 
 
+class StaticSinkLayer(SinkLayer):
+    """``SinkLayer`` with static shapes (``SinkCache(static_shapes=True)``): the same layout and positions, but every
+    step attends to the layer's whole buffer through the cache's slot mask, and the new tokens are written with one
+    ``index_copy_`` through an index tensor into the layer's own tensor, what a compiled step handles best. Every
+    layer of such a cache is one of these, sliding or not (one mask serves them all)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Store the new keys/values; return the whole buffer ``[batch, heads, slots, head_dim]``."""
+        plan, key_states, value_states = _receive(self, key_states, value_states)
+        if plan.capture is not None:
+            self._capture_sinks(plan.capture, key_states, value_states)
+        if self.key_dim != self.value_dim:  # the narrower one is padded to the storage's width
+            width = self.kv.shape[-1]
+            key_states = F.pad(key_states, (0, width - self.key_dim))
+            value_states = F.pad(value_states, (0, width - self.value_dim))
+        assert isinstance(plan.write_at, torch.Tensor)
+        self.kv.index_copy_(3, plan.write_at, torch.stack((key_states, value_states)))
+        return self.kv[0, ..., : self.key_dim], self.kv[1, ..., : self.value_dim]
+
+
+class SlidingLayer(CacheLayerMixin):
+    """A sliding-window layer whose window cannot reach a sink: it keeps only its last ``sliding_window - 1`` tokens.
+
+    With window ``w`` (the query included) and ``w - 1 <= window_length - num_sink_tokens``, every key such a layer
+    may attend to is one of the cache's most recent window tokens, never a sink, so it stores what transformers'
+    ``DynamicSlidingWindowLayer`` stores. Its keys keep the rotation they arrived with (only the cache-wide
+    position re-base turns them back, once, as it does every key).
+
+    Its keys are the stream slots ``[t - m, t + n)`` (``t`` tokens before the call, ``n`` new, ``m = min(t, w - 1)``
+    kept), numbered for the mask like the full-attention layers' buffer (``get_mask_sizes``), so one 2D padding
+    mask serves every layer. They are stored in stream order, which the causal mask of a chunk needs, or, once a
+    step brings one token and every row has real tokens over the whole window, in a ring of ``w`` slots where
+    slot ``s`` lives at index ``s % w``: a step then writes one slot and attends to all ``w`` (each key carries its
+    position, and attention without a mask does not depend on the keys' order).
+    """
+
+    is_sliding = True
+    is_compileable = False
+    is_croppable = False
+    keys: torch.Tensor  # set by lazy_initialization (the base class declares them Optional)
+    values: torch.Tensor
+    inv_freq: torch.Tensor
+
+    def __init__(self, parent: SinkCache, layer_idx: int, sliding_window: int):
+        super().__init__()
+        self.parent, self.layer_idx, self.sliding_window = parent, layer_idx, sliding_window
+        self.pending = False  # as SinkLayer's
+        self.ring = False  # stored as a ring (else the last w - 1 tokens in stream order)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        assert self.parent.rope is not None
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.inv_freq = self.parent.rope.frequencies(self.layer_idx, self.device)
+        self.is_initialized = True
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
+    def rolls(self, plan: StepPlan) -> bool:
+        """Whether this step keeps (or puts) the layer's tokens in a ring: one new token, and the window before it
+        holds real tokens only (a padding mask follows stream order)."""
+        past = plan.start - (self.sliding_window - 1)
+        return plan.num_new == 1 and past >= 0 and plan.real_from <= past
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Store the new (already rotated) keys/values; return the ``m + n`` keys/values of ``get_mask_sizes``."""
+        plan, key_states, value_states = _receive(self, key_states, value_states)
+        window = self.sliding_window
+        if self.rolls(plan):
+            if not self.ring:
+                self._set_order(plan.start, ring=True)
+            at = plan.start % window
+            self.keys[:, :, at : at + 1] = key_states
+            self.values[:, :, at : at + 1] = value_states
+            return self.keys, self.values
+        if self.ring:
+            self._set_order(plan.start, ring=False)
+        keys, values = torch.cat((self.keys, key_states), dim=-2), torch.cat((self.values, value_states), dim=-2)
+        self.keys, self.values = keys[:, :, -(window - 1) :], values[:, :, -(window - 1) :]
+        if plan.num_new > 1:  # give the chunk's room back: keep a copy of what the layer keeps, not the views
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        return keys, values
+
+    def _set_order(self, start: int, ring: bool) -> None:
+        """Move the ``w - 1`` tokens before stream slot ``start`` into a ring (index ``slot % w``) or out of it, in
+        stream order."""
+        window = self.sliding_window
+        index = torch.arange(start - window + 1, start, device=self.device) % window
+        if ring:
+            keys, values = (t.new_zeros(*t.shape[:2], window, t.shape[-1]) for t in (self.keys, self.values))
+            keys[:, :, index], values[:, :, index] = self.keys, self.values
+            self.keys, self.values = keys, values
+        else:
+            self.keys, self.values = self.keys[:, :, index], self.values[:, :, index]
+        self.ring = ring
+
+    def rebase(self, shift: int) -> None:
+        """Positions drop by ``shift``: rotate the stored keys back once (float32, one rounding)."""
+        if self.is_initialized:
+            self.keys.copy_(rotate(self.keys, torch.tensor(-shift, device=self.device), self.inv_freq))
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            index = index.to(self.device)
+            self.keys, self.values = self.keys[index], self.values[index]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the current step in the buffer numbering of ``SinkCache.mask_sizes``."""
+        plan = self.parent.plan
+        assert plan is not None
+        kept = min(plan.start, self.sliding_window - 1)
+        return kept + plan.num_new, plan.start - kept - plan.base
+
+    def get_seq_length(self) -> int:
+        return self.parent.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.13
+        return -1
+
+    def reset(self) -> None:  # see SinkLayer.reset
+        if any(layer is self for layer in self.parent.layers):
+            self.parent.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        pass  # rows are selected for all layers at once by SinkCache
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        pass
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        SinkLayer.crop(self, tokens_to_remove)  # type: ignore[arg-type]  # the same refusal
+
+
 class LayerGroup:
     """Layers whose storage has the same shapes, dtype, device and rotary table, handled together.
 
@@ -267,23 +424,18 @@ class LayerGroup:
                   torch.stack([layer.sink_values for layer in layers]))
 
     def _set(self, units: list[torch.Tensor], sink_keys: torch.Tensor, sink_values: torch.Tensor,
-             ahead: torch.Tensor | None = None) -> None:
+             swapped: torch.Tensor | None = None) -> None:
         self.units, self.sink_keys, self.sink_values = units, sink_keys, sink_values
-        # the sinks' keys (rotated) and values for SINKS_AHEAD consecutive placements, rows laid out as in the units
-        first = units[0]
-        if ahead is None:
-            ahead = first.new_zeros(SINKS_AHEAD, 2 * len(self.layers), *first.shape[1:3], sink_keys.shape[-2],
-                                    first.shape[-1])
-            self.ahead_start = _STALE  # the rotation-table row of ahead[0]'s first sink
+        if swapped is None:
             # the sinks' keys with their rotary halves swapped, allocated here so that the cache's size is fixed
-            # from the group's first step (SinkCache.nbytes); written when the sinks changed (then it and their
-            # values in ahead must be made again)
-            self.swapped = torch.empty_like(sink_keys)
+            # from the group's first step (SinkCache.nbytes); written when the sinks changed
+            swapped = torch.empty_like(sink_keys)
             self.sinks_changed = True
-        self.ahead, self.ahead_keys = ahead, ahead[:, 0::2, ..., : self.key_dim]
-        self.sources = [[placement[rows] for rows in self.rows] for placement in ahead.unbind(0)]  # views, made once
+        self.swapped = swapped
         self.attended: tuple[int, int] | None = None  # the slots of the layers' current views (see attend)
-        self.sink_slots: tuple[int, list[torch.Tensor]] = (-1, [])  # where write_sinks wrote last, and its views
+        # where write_sinks wrote last, and per unit the views it writes through (see _sink_slots)
+        self.sink_slots: tuple[int, list[tuple[torch.Tensor, ...]]] = (-1, [])
+        self.values_at = -1  # the buffer index where the sinks' values were last written (they stay while rolling)
         for g, layer in enumerate(self.layers):
             layer.group = self
             kv = units[0][2 * g : 2 * g + 2] if len(units) == 1 else units[g]
@@ -302,35 +454,39 @@ class LayerGroup:
         self.attended = start, length
 
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
-        """Put the sinks in buffer slots ``at ..``, rotated to table rows ``row ..``; only ``full_rows`` if given."""
-        if full_rows is None:  # the common case: copy keys and values rotated ahead
-            if not 0 <= row - self.ahead_start < SINKS_AHEAD:
-                self._place_ahead(row)
-            for slots, source in zip(self._sink_slots(at), self.sources[row - self.ahead_start]):
-                slots.copy_(source)
-            return
-        placed = torch.zeros_like(self.ahead[0])  # this step's keys and values, rows laid out as in the units
-        rows_of_sinks = slice(row, row + self.sink_keys.shape[-2])
-        placed[0::2, ..., : self.key_dim] = self.table.rotate(self.sink_keys, rows_of_sinks)
-        placed[1::2, ..., : self.value_dim] = self.sink_values
-        full = full_rows.to(placed.device)[None, :, None, None, None]
-        for stored, rows in zip(self._sink_slots(at), self.rows):
-            stored.copy_(torch.where(full, placed[rows], stored))
+        """Put the sinks in buffer slots ``at ..`` at positions ``row ..``; only in ``full_rows`` if given.
 
-    def _sink_slots(self, at: int) -> list[torch.Tensor]:
-        """Every unit's view of the sinks' slots from buffer index ``at``; kept while ``at`` stays (rolling)."""
-        if self.sink_slots[0] != at:
-            self.sink_slots = at, [unit.narrow(3, at, self.sink_keys.shape[-2]) for unit in self.units]
-        return self.sink_slots[1]
-
-    def _place_ahead(self, row: int) -> None:
-        """Rotate the sinks for ``SINKS_AHEAD`` consecutive placements at once, from table row ``row``."""
-        if self.sinks_changed:  # what does not depend on the placement is made once per set of sinks
+        The keys are rotated from their unrotated float32 copy (one rounding, however long the stream). The values
+        are copied only where the previous step did not leave them: rolling in place keeps the sinks' slots.
+        """
+        if self.sinks_changed:
             self.swapped.copy_(self.table.swap_halves(self.sink_keys))
-            self.ahead[:, 1::2, ..., : self.value_dim] = self.sink_values
             self.sinks_changed = False
-        self.table.rotate_runs(self.sink_keys, self.swapped, row, out=self.ahead_keys)
-        self.ahead_start = row
+        if full_rows is None:  # the common case
+            for keys, values, sink_keys, swapped, sink_values in self._sink_slots(at):
+                self.table.rotate(sink_keys, row, swapped, out=keys)
+                if self.values_at != at:
+                    values.copy_(sink_values)
+            self.values_at = at
+            return
+        full = full_rows.to(self.sink_keys.device)[None, :, None, None, None]
+        for keys, values, sink_keys, swapped, sink_values in self._sink_slots(at):
+            keys.copy_(torch.where(full, self.table.rotate(sink_keys, row, swapped), keys))
+            values.copy_(torch.where(full, sink_values, values))
+        self.values_at = -1  # the rows that are not full hold window tokens there
+
+    def _sink_slots(self, at: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per unit, views of the sinks' key and value slots from buffer index ``at``, and the sinks' keys, swapped
+        keys and values of the unit's layers; kept while ``at`` stays (rolling in place)."""
+        if self.sink_slots[0] != at:
+            sinks, views = self.sink_keys.shape[-2], list[tuple[torch.Tensor, ...]]()
+            for unit, rows in zip(self.units, self.rows):
+                slots = unit.narrow(3, at, sinks)
+                layers = slice(rows.start // 2, rows.stop // 2)
+                views.append((slots[0::2, ..., : self.key_dim], slots[1::2, ..., : self.value_dim],
+                              self.sink_keys[layers], self.swapped[layers], self.sink_values[layers]))
+            self.sink_slots = at, views
+        return self.sink_slots[1]
 
     def unroll(self, start: int, length: int, shift: int) -> None:
         """Back to stream order: roll the ``length`` slots from ``start`` (a ring) left by ``shift``."""
@@ -345,12 +501,13 @@ class LayerGroup:
         if capacity == self.units[0].shape[-2]:
             for unit in self.units:
                 unit[..., :live, :] = unit[..., src, :].clone()
+            self.values_at = -1
             return
         units = []
         for unit in self.units:
             units.append(unit.new_zeros(*unit.shape[:-2], capacity, unit.shape[-1]))
             units[-1][..., :live, :] = unit[..., src, :]
-        self._set(units, self.sink_keys, self.sink_values, self.ahead)
+        self._set(units, self.sink_keys, self.sink_values, self.swapped)
 
     def rebase(self, live: slice, shift: int) -> None:
         """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
@@ -403,11 +560,15 @@ class SinkCache(Cache):
         if not isinstance(static_shapes, bool):
             raise TypeError(f"SinkCache static_shapes must be True or False, got {static_shapes!r}.")
         super().__init__(layers=[])
-        self.layers: list[SinkLayer]  # type: ignore[assignment]  # only SinkLayers, created by update()
+        self.layers: list[SinkLayer | SlidingLayer]  # type: ignore[assignment]  # made by begin_step (or update)
         self.window_length = window_length
         self.num_sink_tokens = num_sink_tokens
         self.static_shapes = static_shapes
         self.slack = max(16, window_length // 4)  # compaction every `slack` tokens copies the window once
+        # spare slots of a full-attention layer's buffer past the window: `slack` while the region moves through it;
+        # 1 (the new token) when one-token calls roll it in place, where compaction never happens (see _read_rope)
+        self.spare = self.slack
+        self.rolls_in_place = False
         self.rope: RopeSpec | None = None
         # (inv_freq, its table) by (id(inv_freq), device, head_dim); holding inv_freq keeps its id from being reused
         self._tables: dict[tuple[int, torch.device, int], tuple[torch.Tensor, RotationTable]] = {}
@@ -419,7 +580,7 @@ class SinkCache(Cache):
 
         The layers are replaced by as many new, empty ones (transformers' ``Cache.reset`` loops over the layer count
         while each layer's ``reset`` resets the whole cache)."""
-        self.layers = [SinkLayer(self, i) for i in range(len(self.layers))]
+        self.layers = [self._new_layer(i) for i in range(len(self.layers))]
         self.seen = 0  # columns fed so far, padding included (what generate() calls the sequence length)
         self.base = 0
         self.offset = 0
@@ -429,9 +590,10 @@ class SinkCache(Cache):
         self.ring: tuple[int, int] | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
-        self._range: torch.Tensor | None = None  # [1, length] arange on the model's device; see _arange
-        self._next_positions: tuple[int, tuple[torch.Tensor, ...]] = (-1, ())  # the first's position, and views
+        # the positions of the next one-token calls: the first's, a [1, SINKS_AHEAD] arange, its views (see _arange)
+        self._next_positions: tuple[int, torch.Tensor | None, tuple[torch.Tensor, ...]] = (-1, None, ())
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
+        self._grouped = False
 
     def __repr__(self) -> str:
         return (f"SinkCache(window_length={self.window_length}, num_sink_tokens={self.num_sink_tokens}, "
@@ -457,13 +619,13 @@ class SinkCache(Cache):
         if rope is not self.rope:
             if self.rope is not None and self.rope.model_id != rope.model_id:
                 raise ValueError("This SinkCache was used with another model; create one SinkCache per model.")
-            self.rope = rope
+            self._read_rope(rope)
         if torch.is_inference_mode_enabled():
             self._inference_tensors = True
         elif self._inference_tensors:
             self._leave_inference_mode()
         for layer in self.layers:
-            if layer.pending:
+            if layer.pending and layer.is_initialized:
                 raise RuntimeError(INTERRUPTED)
         n = num_new
         if n < 1:
@@ -473,7 +635,7 @@ class SinkCache(Cache):
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
         region_start = max(0, t - window)  # the sinks of full rows go here; the window is [region_start+sinks, t)
 
-        groups, default = self._group_layers(), window + self.slack
+        groups, default = self._group_layers(), window + self.spare
         ring_size = window + 1 - sinks  # rolling in place: the slots of the window and the new token
         if self.ring is not None:  # the region keeps its buffer slots: the stream slot of buffer index 0 moves on
             at, origin = self.ring
@@ -483,7 +645,8 @@ class SinkCache(Cache):
                     group.unroll(at + sinks, ring_size, (region_start + sinks - origin) % ring_size)
                 self.ring = None
 
-        # Compaction when the new tokens do not fit; growth for a chunk larger than the slack, shrink after it.
+        # Compaction when the new tokens do not fit; a chunk larger than the spare slots grows the buffer to the window
+        # plus itself, and the next call that fits the default size shrinks it back.
         old_base, old_capacity = self.base, groups[0].units[0].shape[-2] if groups else default
         base, capacity = old_base, old_capacity
         if t + n - base > capacity or (capacity > default and t + n - region_start <= default):
@@ -513,8 +676,7 @@ class SinkCache(Cache):
         lo, now = region_start - base, t - base
         # Roll in place once every row is full, unless a layer's sliding or chunked window (a mask over slot
         # distances) would cut the region. The region stays at its current slots from now on.
-        if (self.ring is None and n == 1 and self._first_max < region_start and not self.static_shapes
-                and (rope.local_window is None or rope.local_window > window)):
+        if self.ring is None and n == 1 and self._first_max < region_start and self.rolls_in_place:
             self.ring = lo, region_start + sinks
         write_at: slice | torch.Tensor
         query_offset: int | torch.Tensor
@@ -528,7 +690,7 @@ class SinkCache(Cache):
                 write_at = slice(slot, slot + 1)
         self.plan = StepPlan(
             start=t, num_new=n, region_start=region_start, base=base, capacity=capacity, write_at=write_at,
-            attend=attend, new_mask=new_mask, capture=capture, query_offset=query_offset,
+            attend=attend, new_mask=new_mask, capture=capture, query_offset=query_offset, real_from=self._first_max,
         )
 
         # Rows are "full" once their stream outgrew the window: their sinks move to region_start every step, at
@@ -544,6 +706,8 @@ class SinkCache(Cache):
                 group.write_sinks(lo, region_start - self.offset, full_rows)
             if not self.static_shapes:  # with static shapes a layer attends to its whole unit
                 group.attend(lo, now + n - lo)
+        for layer in self.sliding_layers if shift else ():
+            layer.rebase(shift)
         for layer in self.layers:
             layer.pending = True
         self.base, self.seen, self.stepping = base, t + n, True
@@ -570,19 +734,19 @@ class SinkCache(Cache):
         groups form, and the cached views (attended slices, sinks' slots, positions, rotation runs)."""
         for group in self.groups:
             swapped, changed = own(group.swapped), group.sinks_changed
-            group._set([own(unit) for unit in group.units], own(group.sink_keys), own(group.sink_values),
-                       own(group.ahead))
-            group.swapped, group.sinks_changed = swapped, changed
+            group._set([own(unit) for unit in group.units], own(group.sink_keys), own(group.sink_values), swapped)
+            group.sinks_changed = changed
         for layer in self.layers:
+            if isinstance(layer, SlidingLayer):
+                if layer.is_initialized:
+                    layer.keys, layer.values = own(layer.keys), own(layer.values)
+                continue
             layer.attending = None
             if layer.is_initialized and layer.group is None:
                 layer.point_to(own(layer.kv), own(layer.sink_keys), own(layer.sink_values))
         for _, table in self._tables.values():
             table.cos, table.sin, table.partner = own(table.cos), own(table.sin), own(table.partner)
-            table._runs = {}
-        if self._range is not None:
-            self._range = own(self._range)
-        self._next_positions = -1, ()
+        self._next_positions = -1, None, ()
         if self.first_real is not None:
             self.first_real = own(self.first_real)
 
@@ -594,32 +758,65 @@ class SinkCache(Cache):
         self._rebuild(lambda t: t)
 
     def _group_layers(self) -> list[LayerGroup]:
-        """The layer groups; formed once, after the first step has given every layer its storage."""
-        if self.layers and not self.groups:
+        """The groups of the full-attention layers; formed once, after the first step has given them storage."""
+        if not self._grouped and any(layer.is_initialized for layer in self.layers):
             by_signature: dict[tuple, list[SinkLayer]] = {}
             for layer in self.layers:
-                if layer.is_initialized:
+                if isinstance(layer, SinkLayer) and layer.is_initialized:
                     by_signature.setdefault(layer.signature(), []).append(layer)
             self.groups = [LayerGroup(layers, shared=not self.static_shapes) for layers in by_signature.values()]
+            self._grouped = True
         return self.groups
 
+    def _new_layer(self, layer_idx: int) -> SinkLayer | SlidingLayer:
+        """The storage kind of decoder layer ``layer_idx``: a ``SlidingLayer`` where its sliding window cannot reach
+        a sink (and the addressing is the default one), else a ``SinkLayer`` (``StaticSinkLayer`` with static
+        shapes)."""
+        window = self._own_window(layer_idx)
+        if window is not None:
+            return SlidingLayer(self, layer_idx, window)
+        return StaticSinkLayer(self, layer_idx) if self.static_shapes else SinkLayer(self, layer_idx)
+
+    def _own_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer ``layer_idx`` if the layer keeps a storage of that size, else ``None``."""
+        windows = self.rope.sliding_windows if self.rope is not None else ()
+        window = windows[layer_idx] if layer_idx < len(windows) else None
+        if window is None or self.static_shapes or not 2 <= window <= self.window_length - self.num_sink_tokens + 1:
+            return None
+        return window
+
+    def _read_rope(self, rope: RopeSpec) -> None:
+        """Take the model's rotary spec, make its layers and decide whether the full-attention layers may roll in
+        place: not where one of them has a sliding or chunked window (a mask over slot distances) that is shorter
+        than the ``window_length + 1`` slots a step attends to."""
+        self.rope = rope
+        while len(self.layers) < len(rope.inv_freq_per_layer):
+            self.layers.append(self._new_layer(len(self.layers)))
+        if rope.sliding_windows:
+            windows = [w for i, w in enumerate(rope.sliding_windows) if w is not None and self._own_window(i) is None]
+            local = min([*windows, *([rope.attention_chunk] if rope.attention_chunk else [])], default=None)
+        else:  # which layers slide is not known: any of them may
+            local = rope.local_window
+        self.rolls_in_place = not self.static_shapes and (local is None or local > self.window_length)
+        self.spare = 1 if self.rolls_in_place else self.slack
+
+    @property
+    def sliding_layers(self) -> list[SlidingLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
+
     def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """``torch.arange(start, stop)[None]`` on ``device``. A one-token call's positions stay below
-        ``2 * window_length + 1`` (see the re-base), so they are views of a fixed table kept by the cache (with the
-        default addressing, made for ``SINKS_AHEAD`` consecutive calls at once): no tensor is built (and on a GPU,
-        copied) per step."""
-        table = self._range
-        if table is None or table.device != device:
-            table = self._range = torch.arange(2 * self.window_length + 2, device=device)[None]
-            self._next_positions = -1, ()
-        if stop > table.shape[1]:  # a chunk
+        """``torch.arange(start, stop)[None]`` on ``device``. The positions of one-token calls are views of a small
+        table made for ``SINKS_AHEAD`` consecutive calls at once: no tensor is built (and on a GPU, copied) per
+        step."""
+        if stop - start > 1:
             return torch.arange(start, stop, device=device)[None]
-        if stop - start > 1 or self.static_shapes:  # views made by unbind slow a compiled step down (measured)
-            return table.narrow(1, start, stop - start)
-        first, views = self._next_positions
-        if not 0 <= start - first < len(views):
-            count = min(SINKS_AHEAD, table.shape[1] - start)
-            first, views = self._next_positions = start, table.narrow(1, start, count).view(count, 1, 1).unbind(0)
+        first, table, views = self._next_positions
+        if table is None or table.device != device or not 0 <= start - first < SINKS_AHEAD:
+            table = torch.arange(start, start + SINKS_AHEAD, device=device)[None]
+            views = () if self.static_shapes else table.view(SINKS_AHEAD, 1, 1).unbind(0)
+            first, _, _ = self._next_positions = start, table, views
+        if self.static_shapes:  # views made by unbind slow a compiled step down (measured)
+            return table.narrow(1, start - first, 1)
         return views[start - first]
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -660,15 +857,14 @@ class SinkCache(Cache):
     def rotation_table(self, inv_freq: torch.Tensor, head_dim: int) -> RotationTable:
         """The table of sink rotations for one frequency set, built on first use.
 
-        Sinks sit at positions ``region_start - offset + j``; the re-base keeps ``region_start - offset`` at most
-        ``window_length``, so ``window_length + num_sink_tokens`` rows cover every step, and ``SINKS_AHEAD - 1``
-        more every batch of placements rotated ahead.
+        Sinks sit at positions ``region_start - offset + j``, one further every step: a table of
+        ``num_sink_tokens + SINKS_AHEAD - 1`` rows serves ``SINKS_AHEAD`` steps.
         """
         key = (id(inv_freq), inv_freq.device, head_dim)
         entry = self._tables.get(key)
         if entry is None or entry[0] is not inv_freq:  # a copied cache's keys name objects of the original
-            size = self.window_length + self.num_sink_tokens + SINKS_AHEAD - 1
-            entry = self._tables[key] = inv_freq, RotationTable(inv_freq, head_dim, size)
+            span = self.num_sink_tokens + SINKS_AHEAD - 1
+            entry = self._tables[key] = inv_freq, RotationTable(inv_freq, head_dim, span)
         return entry[1]
 
     def mask_sizes(self) -> tuple[int, int]:
@@ -685,7 +881,7 @@ class SinkCache(Cache):
     # ---- transformers Cache interface -----------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         while len(self.layers) <= layer_idx:
-            self.layers.append(SinkLayer(self, len(self.layers)))
+            self.layers.append(self._new_layer(len(self.layers)))
         return self.layers[layer_idx].update(key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -702,6 +898,8 @@ class SinkCache(Cache):
         if self.plan is None:  # before any step (e.g. generate probing a fresh cache)
             # transformers 5.0-5.3 pass the query's cache_position tensor instead of its length
             return (query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length), 0
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], SlidingLayer):
+            return self.layers[layer_idx].get_mask_sizes(query_length)  # type: ignore[arg-type]
         return self.mask_sizes()
 
     def get_query_offset(self, layer_idx: int = 0) -> int | torch.Tensor:  # type: ignore[override]
@@ -728,14 +926,17 @@ class SinkCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (buffers, the sinks' copies, pre-placed rotations and swapped halves,
-        rotation and position tables), each storage counted once."""
+        """Bytes of every tensor the cache holds (buffers, the sinks' copies and swapped halves, the sliding layers'
+        tokens, rotation and position tables), each storage counted once."""
         tensors = [t for group in self.groups
-                   for t in (*group.units, group.sink_keys, group.sink_values, group.ahead, group.swapped)]
-        tensors += [t for layer in self.layers if layer.is_initialized and layer.group is None
-                    for t in (layer.kv, layer.sink_keys, layer.sink_values)]
+                   for t in (*group.units, group.sink_keys, group.sink_values, group.swapped)]
+        for layer in self.layers:
+            if isinstance(layer, SlidingLayer):
+                tensors += [layer.keys, layer.values] if layer.is_initialized else []
+            elif layer.is_initialized and layer.group is None:
+                tensors += [layer.kv, layer.sink_keys, layer.sink_values]
         tensors += [t for _, table in self._tables.values() for t in (table.cos, table.sin, table.partner)]
-        tensors += [self._range] if self._range is not None else []
+        tensors += [self._next_positions[1]] if self._next_positions[1] is not None else []
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def cached_length(self) -> int:
@@ -747,6 +948,8 @@ class SinkCache(Cache):
             self._set_first_real(self.first_real[index.cpu()])
         for group in self._group_layers():
             group.select_rows(index)
+        for layer in self.sliding_layers:
+            layer.select_rows(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -173,6 +173,8 @@ class _PositionHook:
         self.keyword = compat.cache_keyword(decoder) or compat.CACHE_KWARG
         self.with_cache_position = compat.takes_cache_position(decoder)
         self.legacy_mask = compat.builds_legacy_mask(decoder)
+        if self.legacy_mask:  # its own mask is one for every layer, in the full-attention layers' slots
+            self.rope = replace(rope, sliding_windows=())
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if module is not self.decoder():

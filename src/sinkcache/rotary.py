@@ -55,47 +55,52 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
 
 
 class RotationTable:
-    """cos/sin at full head width for positions ``0 .. size-1``, so that a rotation is two products and a sum.
+    """cos/sin at full head width for a run of consecutive positions, so that rotating the sinks is two products and
+    a sum: ``rotated = keys * cos + keys[..., partner] * sin``, where ``partner`` swaps the two rotary halves and the
+    pass-through dimensions get cos 1, sin 0.
 
-    ``rotated = keys * cos + keys[..., partner] * sin``, where ``partner`` swaps the two rotary halves and the
-    pass-through dimensions get cos 1, sin 0. Used for the per-step sink writes: built once, it saves the
-    trigonometry and the concatenation of ``apply_rotation`` on every step of every layer.
+    The sinks' positions move on by one per step, so the table holds ``span`` rows from ``first`` and is rebuilt
+    (angles in float64, as ``rotation``) when a step needs a position outside them: every ``span - sinks + 1`` steps,
+    a few small kernels. Its size does not grow with the cache.
     """
 
-    def __init__(self, inv_freq: torch.Tensor, head_dim: int, size: int):
+    def __init__(self, inv_freq: torch.Tensor, head_dim: int, span: int):
         half = inv_freq.shape[-1]
-        cos, sin = rotation(torch.arange(size, device=inv_freq.device), inv_freq)
-        rest = head_dim - 2 * half
-        self.cos = torch.cat((cos, cos, cos.new_ones(size, rest)), dim=-1)
-        self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
+        self.inv_freq, self.head_dim, self.span = inv_freq, head_dim, span
         self.partner = torch.cat((torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)))
         self.partner = self.partner.to(inv_freq.device)
-        self._runs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # see rotate_runs
+        self.first = 0
+        self.cos = self.sin = inv_freq.new_zeros(0, head_dim)
+        self.rows(0, span)  # the table has its size from the start (SinkCache.nbytes)
 
-    def rotate(self, keys: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Rotate float32 ``keys [..., n, head_dim]`` to the ``n`` positions ``rows`` (a slice or an index tensor of
-        table rows)."""
-        return keys * self.cos[rows] + keys[..., self.partner] * self.sin[rows]
+    def rows(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[count, head_dim]`` float32, for the positions ``first .. first + count - 1``."""
+        if not (self.first <= first and first + count <= self.first + self.cos.shape[0]):
+            rest = self.head_dim - 2 * self.inv_freq.shape[-1]
+            size = max(self.span, count)
+            cos, sin = rotation(torch.arange(first, first + size, device=self.inv_freq.device), self.inv_freq)
+            self.cos = torch.cat((cos, cos, cos.new_ones(size, rest)), dim=-1)
+            self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
+            self.first = first
+        start = first - self.first
+        return self.cos[start : start + count], self.sin[start : start + count]
 
     def swap_halves(self, keys: torch.Tensor) -> torch.Tensor:
-        """``keys[..., partner]``: the rotary halves swapped, which ``rotate_runs`` multiplies by the sines."""
+        """``keys[..., partner]``: the rotary halves swapped, which the rotation multiplies by the sines."""
         return keys[..., self.partner]
 
-    def rotate_runs(self, keys: torch.Tensor, swapped: torch.Tensor, first: int, *, out: torch.Tensor) -> None:
-        """Place float32 ``keys [..., n, head_dim]`` ``count = out.shape[0]`` times: run ``i`` (``out[i]``) rotates
-        them to the consecutive positions (table rows) ``first + i .. first + i + n - 1``.
+    def rotate(self, keys: torch.Tensor, first: int, swapped: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate float32 ``keys [..., n, head_dim]`` to the ``n`` consecutive positions from ``first``.
 
-        ``swapped`` is ``swap_halves(keys)``, kept by the caller while the keys stay the same. The runs' cos/sin are
-        overlapping windows of the table (views, no copy), so this is two small kernels, computed in float32 and
-        rounded once into ``out`` (any float dtype, may be a strided view).
+        ``swapped`` is ``swap_halves(keys)`` where the caller keeps it. Computed in float32 and rounded once into
+        ``out`` (any float dtype, may be a strided view) when given.
         """
-        key = keys.shape[-2], keys.ndim
-        if key not in self._runs:
-            self._runs[key] = tuple(t.unfold(0, key[0], 1).transpose(1, 2)[(slice(None),) + (None,) * (keys.ndim - 2)]
-                                    for t in (self.cos, self.sin))
-        cos, sin = self._runs[key]
-        runs = slice(first, first + out.shape[0])
-        torch.addcmul(keys * cos[runs], swapped, sin[runs], out=out)
+        cos, sin = self.rows(first, keys.shape[-2])
+        swapped = self.swap_halves(keys) if swapped is None else swapped
+        if out is None:
+            return torch.addcmul(keys * cos, swapped, sin)
+        return torch.addcmul(keys * cos, swapped, sin, out=out)
 
 
 @dataclass(frozen=True)
@@ -108,14 +113,20 @@ class RopeSpec:
             never change with length.
         model_id: ``id`` of the model the spec was read from; a cache refuses to serve another model.
         local_window: the shortest sliding or chunked attention window (tokens) any layer may use, or ``None`` when
-            every layer attends to the whole cache. Such masks count slot distances, so the cache then keeps its
-            slots in stream order (it does not roll in place).
+            every layer attends to the whole cache. Such masks count slot distances, so a layer whose window is
+            shorter than the cache keeps its slots in stream order (it does not roll in place).
+        attention_chunk: the chunk size of chunked-attention layers (Llama 4), or ``None``.
+        sliding_windows: per decoder layer, the window (tokens, the query included) of a sliding-attention layer,
+            ``None`` for any other layer; the same layers transformers' ``DynamicCache(config=...)`` bounds. Empty
+            when unknown: every layer is then stored as a full-attention one (always correct, never smaller).
     """
 
     inv_freq_per_layer: tuple[torch.Tensor, ...]
     max_position: int | None
     model_id: int
     local_window: int | None = None
+    sliding_windows: tuple[int | None, ...] = ()
+    attention_chunk: int | None = None
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     def frequencies(self, layer_idx: int, device: torch.device) -> torch.Tensor:
@@ -186,8 +197,28 @@ def read_rope_spec(model: PreTrainedModel) -> RopeSpec:
                      and p.get("original_max_position_embeddings")), None)
             or config.max_position_embeddings
         )
-    windows = [getattr(config, "attention_chunk_size", None)]
+    chunk = _positive_int(getattr(config, "attention_chunk_size", None))
+    windows = [chunk]
     if getattr(config, "use_sliding_window", True):  # Qwen2 and Qwen3 keep a size even when it is off
-        windows.append(getattr(config, "sliding_window", None))
-    local_window = min((w for w in windows if isinstance(w, int) and not isinstance(w, bool) and w > 0), default=None)
-    return RopeSpec(tuple(inv_freqs), max_position, id(model), local_window)
+        windows.append(_positive_int(getattr(config, "sliding_window", None)))
+    local_window = min((w for w in windows if w is not None), default=None)
+    return RopeSpec(tuple(inv_freqs), max_position, id(model), local_window, sliding_windows(config, num_layers),
+                    chunk)
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def sliding_windows(config: object, num_layers: int) -> tuple[int | None, ...]:
+    """Each decoder layer's sliding window (``None``: not a sliding-attention layer), read as transformers reads it
+    for ``DynamicCache(config=...)``: the config's ``layer_types`` where it has them, else every layer slides when
+    the config sets a ``sliding_window`` (Mistral, Phi-3). Chunked-attention layers are not sliding ones here: their
+    mask counts chunk boundaries, which a rolling window of their own would not keep."""
+    window = _positive_int(getattr(config, "sliding_window", None))
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return (None,) * num_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return (window,) * num_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in list(layer_types)[:num_layers])

@@ -745,7 +745,8 @@ class SinkCache(Cache):
             if layer.is_initialized and layer.group is None:
                 layer.point_to(own(layer.kv), own(layer.sink_keys), own(layer.sink_values))
         for _, table in self._tables.values():
-            table.cos, table.sin, table.partner = own(table.cos), own(table.sin), own(table.partner)
+            table.partner = own(table.partner)
+            table._build(table.first)
         self._next_positions = -1, None, ()
         if self.first_real is not None:
             self.first_real = own(self.first_real)
@@ -863,8 +864,8 @@ class SinkCache(Cache):
         key = (id(inv_freq), inv_freq.device, head_dim)
         entry = self._tables.get(key)
         if entry is None or entry[0] is not inv_freq:  # a copied cache's keys name objects of the original
-            span = self.num_sink_tokens + SINKS_AHEAD - 1
-            entry = self._tables[key] = inv_freq, RotationTable(inv_freq, head_dim, span)
+            table = RotationTable(inv_freq, head_dim, self.num_sink_tokens, SINKS_AHEAD)
+            entry = self._tables[key] = inv_freq, table
         return entry[1]
 
     def mask_sizes(self) -> tuple[int, int]:

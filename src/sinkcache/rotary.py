@@ -59,45 +59,44 @@ class RotationTable:
     a sum: ``rotated = keys * cos + keys[..., partner] * sin``, where ``partner`` swaps the two rotary halves and the
     pass-through dimensions get cos 1, sin 0.
 
-    The sinks' positions move on by one per step, so the table holds ``span`` rows from ``first`` and is rebuilt
-    (angles in float64, as ``rotation``) when a step needs a position outside them: every ``span - sinks + 1`` steps,
-    a few small kernels. Its size does not grow with the cache.
+    The sinks' positions move on by one per step, so the table holds ``count + ahead - 1`` rows from ``first``: the
+    rows of ``ahead`` consecutive steps, whose views are made with the table. It is rebuilt (angles in float64, as
+    ``rotation``) when a step needs positions outside them: every ``ahead`` steps, a few small kernels. Its size
+    does not grow with the cache.
     """
 
-    def __init__(self, inv_freq: torch.Tensor, head_dim: int, span: int):
+    def __init__(self, inv_freq: torch.Tensor, head_dim: int, count: int, ahead: int):
         half = inv_freq.shape[-1]
-        self.inv_freq, self.head_dim, self.span = inv_freq, head_dim, span
+        self.inv_freq, self.head_dim, self.count, self.ahead = inv_freq, head_dim, count, ahead
         self.partner = torch.cat((torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)))
         self.partner = self.partner.to(inv_freq.device)
-        self.first = 0
-        self.cos = self.sin = inv_freq.new_zeros(0, head_dim)
-        self.rows(0, span)  # the table has its size from the start (SinkCache.nbytes)
+        self._build(0)  # the table has its size from the start (SinkCache.nbytes)
 
-    def rows(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build(self, first: int) -> None:
+        size, rest = self.count + self.ahead - 1, self.head_dim - 2 * self.inv_freq.shape[-1]
+        cos, sin = rotation(torch.arange(first, first + size, device=self.inv_freq.device), self.inv_freq)
+        self.cos = torch.cat((cos, cos, cos.new_ones(size, rest)), dim=-1)
+        self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
+        self.first = first
+        self.runs = [(self.cos[i : i + self.count], self.sin[i : i + self.count]) for i in range(self.ahead)]
+
+    def rows(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``[count, head_dim]`` float32, for the positions ``first .. first + count - 1``."""
-        if not (self.first <= first and first + count <= self.first + self.cos.shape[0]):
-            rest = self.head_dim - 2 * self.inv_freq.shape[-1]
-            size = max(self.span, count)
-            cos, sin = rotation(torch.arange(first, first + size, device=self.inv_freq.device), self.inv_freq)
-            self.cos = torch.cat((cos, cos, cos.new_ones(size, rest)), dim=-1)
-            self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
-            self.first = first
-        start = first - self.first
-        return self.cos[start : start + count], self.sin[start : start + count]
+        if not 0 <= first - self.first < self.ahead:
+            self._build(first)
+        return self.runs[first - self.first]
 
     def swap_halves(self, keys: torch.Tensor) -> torch.Tensor:
         """``keys[..., partner]``: the rotary halves swapped, which the rotation multiplies by the sines."""
         return keys[..., self.partner]
 
-    def rotate(self, keys: torch.Tensor, first: int, swapped: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate float32 ``keys [..., n, head_dim]`` to the ``n`` consecutive positions from ``first``.
+    def rotate(self, keys: torch.Tensor, first: int, swapped: torch.Tensor, out: torch.Tensor | None = None):
+        """Rotate float32 ``keys [..., count, head_dim]`` to the consecutive positions from ``first``.
 
-        ``swapped`` is ``swap_halves(keys)`` where the caller keeps it. Computed in float32 and rounded once into
-        ``out`` (any float dtype, may be a strided view) when given.
+        ``swapped`` is ``swap_halves(keys)``, kept by the caller. Computed in float32 and rounded once into ``out``
+        (any float dtype, may be a strided view) when given.
         """
-        cos, sin = self.rows(first, keys.shape[-2])
-        swapped = self.swap_halves(keys) if swapped is None else swapped
+        cos, sin = self.rows(first)
         if out is None:
             return torch.addcmul(keys * cos, swapped, sin)
         return torch.addcmul(keys * cos, swapped, sin, out=out)

@@ -1,15 +1,7 @@
 """SinkCache: the StreamingLLM cache (attention sinks + a rolling window) as a transformers 5 ``Cache``.
 
-Position contract
------------------
-Before token ``t`` is processed the cache holds the stream's first ``num_sink_tokens`` tokens and the most recent
-``window_length - num_sink_tokens`` tokens before ``t``. Token ``t`` attends to those and to itself and is queried at
-position ``L`` (the number of cached tokens); cached token ``j`` (in stream order) sits at position ``j``: exactly as
-if the kept tokens had been re-encoded contiguously. Then the oldest non-sink token is evicted.
-
-A forward call with ``n > 1`` new tokens (a chunk) evicts nothing while it runs: chunk token ``i`` sees the ``L``
-cached tokens plus chunk tokens ``0..i``, at positions ``0..L+i``; eviction back to ``window_length`` happens before
-the next call. With one token per call this is the contract above.
+The policy (which tokens a call attends to, at which positions) is ``policy.Policy``, stated there on one screen
+and free of storage. This module stores keys and values so that every forward call sees exactly that.
 
 Storage: each layer holds what it can attend to
 -----------------------------------------------
@@ -79,6 +71,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import compat
+from .policy import Policy
 from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
@@ -563,6 +556,7 @@ class SinkCache(Cache):
         self.layers: list[SinkLayer | SlidingLayer]  # type: ignore[assignment]  # made by begin_step (or update)
         self.window_length = window_length
         self.num_sink_tokens = num_sink_tokens
+        self.policy = Policy(window_length, num_sink_tokens)
         self.static_shapes = static_shapes
         self.slack = max(16, window_length // 4)  # compaction every `slack` tokens copies the window once
         # spare slots of a full-attention layer's buffer past the window: `slack` while the region moves through it;
@@ -633,7 +627,7 @@ class SinkCache(Cache):
         new_mask = self._track_rows(batch, n, new_mask)
         assert self.first_real is not None
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
-        region_start = max(0, t - window)  # the sinks of full rows go here; the window is [region_start+sinks, t)
+        region_start = self.policy.region_start(t)  # full rows: sinks here, window [region_start + sinks, t)
 
         groups, default = self._group_layers(), window + self.spare
         ring_size = window + 1 - sinks  # rolling in place: the slots of the window and the new token
@@ -668,7 +662,7 @@ class SinkCache(Cache):
 
         capture: tuple[torch.Tensor, ...] | None = None
         if t < self._first_max + sinks:  # some row's first tokens arrive now: keep them as its sinks
-            sink_slot = self.first_real[:, None] + torch.arange(sinks)[None, :]
+            sink_slot = self.first_real[:, None] + torch.arange(sinks)[None, :]  # policy.sink_slots, row by row
             rows, ids = ((sink_slot >= t) & (sink_slot < t + n)).nonzero(as_tuple=True)
             if len(rows):
                 slots = sink_slot[rows, ids]
@@ -695,7 +689,7 @@ class SinkCache(Cache):
 
         # Rows are "full" once their stream outgrew the window: their sinks move to region_start every step, at
         # positions region_start - offset + j (<= window_length + j: see rotation_table).
-        some_full = sinks > 0 and self._first_min < region_start
+        some_full = sinks > 0 and self.policy.is_full(t, self._first_min)
         full_rows = self.first_real < region_start if some_full and self._first_max >= region_start else None
         for group in groups:
             if base != old_base or capacity != old_capacity:

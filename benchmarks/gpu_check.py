@@ -631,7 +631,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         return 0
     device: torch.device = args.device
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:  # set_device refuses a device without an index
+            torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)
     began = time.perf_counter()

@@ -254,6 +254,24 @@ def changes(points: list[tuple[int, int]]) -> list[list[int]]:
     return kept
 
 
+def below_dynamic_from(sink: list[tuple[int, int]] | list[list[int]], dynamic: list[tuple[int, int]] | list[list[int]],
+                       window: int) -> int | None:
+    """The first stream length past ``window`` from which every SinkCache reading is at most the DynamicCache's bytes
+    at the latest stream length read before it (None: the last reading is above). ``sink`` may be the whole readings
+    or only the points where they change: DynamicCache only grows, so a stretch of equal readings is worst at its
+    start."""
+    dyn = sorted((int(t), int(b)) for t, b in dynamic)
+    past = [(int(t), int(b)) for t, b in sink if t > window]
+    start = None
+    for t, b in past:
+        floor = max((d for d in dyn if d[0] <= t), default=None)
+        if floor is not None and b > floor[1]:
+            start = None
+        elif start is None:
+            start = t
+    return start
+
+
 def compare(sink: list[tuple[int, int]], dynamic: list[tuple[int, int]], plan: Plan,
             geo: Geometry) -> dict[str, Any]:
     """The two targets for one config and ``W``, from the measured curves."""
@@ -279,6 +297,7 @@ def compare(sink: list[tuple[int, int]], dynamic: list[tuple[int, int]], plan: P
         "dynamic_bytes_at_end": dyn[-1][1],
         "dynamic_monotone": dyn_monotone,
         "worst_ratio_sink_to_dynamic": worst, "worst_ratio_at_tokens": worst_at,
+        "below_dynamic_from_tokens": below_dynamic_from(past, dyn, plan.window),
         "targets": {
             f"steady nbytes <= {TARGET_RATIO} x attendable": steady_max <= TARGET_RATIO * bound,
             "never above DynamicCache(config=...) past the window": dyn_monotone and worst <= 1.0,
@@ -325,18 +344,22 @@ def table(results: dict[str, Any]) -> str:
              f"(src/sinkcache/cache.py), transformers {results['machine']['transformers']}, float32, batch 1, "
              f"{SINKS} sinks; MiB = 2^20 bytes.", "",
              "| config | W | SinkCache steady | attendable | ratio (target <= 1.05) | DynamicCache(config) past W "
-             "... at end | SinkCache <= DynamicCache |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "... at end | SinkCache <= DynamicCache past W (worst ratio) | ... from tokens |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for row in results["cases"]:
         targets = list(row["targets"].values())
+        start = row.get("below_dynamic_from_tokens", "missing")
+        if start == "missing":  # results written before this column existed: from the stored curves
+            start = below_dynamic_from(row["sink_curve"], row["dynamic_points"], row["window_length"])
         lines.append(
             f"| {row['config']} | {row['window_length']} | {row['steady_nbytes_max'] / 2**20:.2f} | "
             f"{row['attendable_bytes'] / 2**20:.2f} | {row['steady_ratio_to_attendable']:.3f} "
             f"{'✓' if targets[0] else '✗'} | {row['dynamic_bytes_just_past_window'] / 2**20:.2f} ... "
             f"{row['dynamic_bytes_at_end'] / 2**20:.2f} (at {row['tokens']:,}) | "
-            f"{'✓' if targets[1] else '✗'} (worst {row['worst_ratio_sink_to_dynamic']:.2f}x) |")
+            f"{'✓' if targets[1] else '✗'} ({row['worst_ratio_sink_to_dynamic']:.2f}x) | "
+            f"{'never' if start is None else f'{start:,}'} |")
     for name, reason in results["skipped"].items():
-        lines.append(f"| {name} | - | skipped: {reason} | | | | |")
+        lines.append(f"| {name} | - | skipped: {reason} | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -423,6 +446,9 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "memory",
                         help="folder for results.json, memory.png, table.md")
     parser.add_argument("--update-readme", action="store_true", help="rewrite README.md's memory table")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: table.md, memory.png (and the README with --update-readme) from "
+                             "--out's results.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.configs = [c for c in args.configs if c in tiny_configs(True)]
@@ -443,6 +469,13 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 
 def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        try:
+            results = json.loads((args.out / "results.json").read_text())
+        except (OSError, ValueError) as error:
+            print(f"memory.py: error: --render needs {args.out / 'results.json'} ({error})", file=sys.stderr)
+            raise SystemExit(2) from None
+        return report(results, args)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     results: dict[str, Any] = {"machine": machine.describe(torch.device("cpu"), args.threads),
@@ -474,6 +507,11 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     results["elapsed_s"] = time.perf_counter() - began
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    return report(results, args)
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Plot, table (and README), and the summary line."""
     plot(results, args.out / "memory.png")
     text = table(results)
     (args.out / "table.md").write_text(text)
@@ -481,7 +519,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         update_readme(text)
     print("\n" + text)
     met = sum(all(row["targets"].values()) for row in results["cases"])
-    print(f"{met} of {len(results['cases'])} cases meet both targets; elapsed {results['elapsed_s']:.0f} s")
+    print(f"{met} of {len(results['cases'])} cases meet both targets; measured in {results['elapsed_s']:.0f} s")
     return results
 
 

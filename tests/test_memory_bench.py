@@ -42,7 +42,9 @@ def test_targets_follow_the_measurements() -> None:
     assert good["steady_ratio_to_attendable"] == 1.0 and all(good["targets"].values())
     too_big = memory.compare([(t, 150) for t in range(9, 17)], dynamic, plan, geometry)
     assert not any(too_big["targets"].values())  # 150 > 1.05 * 130, and above DynamicCache's 130 at 9..11 tokens
-    assert too_big["worst_ratio_at_tokens"] == 9
+    assert too_big["worst_ratio_at_tokens"] == 9 and too_big["below_dynamic_from_tokens"] == 12
+    assert good["below_dynamic_from_tokens"] == 9
+    assert memory.below_dynamic_from([(9, 150), (16, 250)], dynamic, 8) is None  # above at the end: never
     shrinking = memory.compare([(t, 130) for t in range(9, 17)], [(9, 130), (12, 120), (16, 200)], plan, geometry)
     assert not shrinking["dynamic_monotone"] and not shrinking["targets"][
         "never above DynamicCache(config=...) past the window"]

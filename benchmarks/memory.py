@@ -346,7 +346,8 @@ def table(results: dict[str, Any]) -> str:
              "| config | W | SinkCache steady | attendable | ratio (target <= 1.05) | DynamicCache(config) past W "
              "... at end | SinkCache <= DynamicCache past W (worst ratio) | ... from tokens |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
-    for row in results["cases"]:
+    order = list(results["configs"])
+    for row in sorted(results["cases"], key=lambda r: (order.index(r["config"]), r["window_length"])):
         targets = list(row["targets"].values())
         start = row.get("below_dynamic_from_tokens", "missing")
         if start == "missing":  # results written before this column existed: from the stored curves
@@ -482,6 +483,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
                                "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
                                "core_commit": core_commit(), "num_sink_tokens": SINKS, "target_ratio": TARGET_RATIO,
                                "configs": {}, "cases": [], "skipped": {}}
+    models: dict[str, tuple[torch.nn.Module, Geometry]] = {}
     for name in args.configs:
         try:
             model, description = load(name, args.quick)
@@ -490,16 +492,26 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
             results["skipped"][name] = str(reason)
             continue
         geo = geometry(model)
+        models[name] = model, geo
         results["configs"][name] = {"description": description, "layer_windows": geo.windows,
                                     "layer_token_bytes": geo.token_bytes}
         print(f"{name}: {description}", flush=True)
-        for window in (args.real_sizes if name == "gemma3-270m" else args.sizes):
+    args.out.mkdir(parents=True, exist_ok=True)
+    # every config at the smallest W first: an interrupted run still has whole rows of the table (results.json is
+    # rewritten after every case)
+    sizes = {name: args.real_sizes if name == "gemma3-270m" else args.sizes for name in models}
+    for window in sorted({w for ws in sizes.values() for w in ws}):
+        for name, (model, geo) in models.items():
+            if window not in sizes[name]:
+                continue
             past = args.past if args.past is not None else window + 64
             every = window <= args.every_up_to and not (name in args.span_models and window >= args.span_from)
             plan = Plan(window=window, past=past, prefill_chunk=min(args.prefill_chunk, window - 1), span=args.span,
                         every=every)
             results["cases"].append(run_case(name, model, geo, plan))
-        del model
+            results["elapsed_s"] = time.perf_counter() - began
+            (args.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    del models
     if not results["cases"]:
         print("memory.py: no config could run: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items()),
               file=sys.stderr)

@@ -371,6 +371,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(dict.fromkeys(row["config"] for row in results["cases"]))
     columns = min(3, len(names))
@@ -392,6 +393,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axis.set_ylabel("MiB held")
         axis.set_xscale("log")
         axis.set_yscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log minor labels overlap
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=6)
     for axis in list(axes.flat)[len(names):]:

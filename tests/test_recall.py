@@ -10,8 +10,15 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from sinkcache.recall import accuracy_by_distance, accuracy_cached, answer_trial, build_trial, make_cache, probe, \
-    trial_tokens
+from sinkcache.recall import (
+    accuracy_by_distance,
+    accuracy_cached,
+    answer_trial,
+    build_trial,
+    make_cache,
+    probe,
+    trial_tokens,
+)
 from sinkcache.recall import main as recall_main
 from tests.test_perplexity import one_error_line, tiny_folder  # noqa: F401  (tiny_folder is a fixture)
 from tests.zoo import tiny_model

@@ -181,6 +181,25 @@ def test_a_cache_without_the_sinks_is_refused():
         metered(model, tokens, every=5, cache=SinkCache(WINDOW, 0))
 
 
+def test_a_model_without_readable_weights_is_scored_without_the_share(tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+    """The sweep still scores every count; the share is None with the reason, and the model is left as it was."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+
+    def refuse(implementation):
+        raise ValueError(f"no attention implementation {implementation} here")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    settings = Settings(num_tokens=40, window_length=12, sink_counts=(0, 2), regimes=("sink",), output=str(tmp_path),
+                        progress=False)
+    summary = run(settings, model, AutoTokenizer.from_pretrained(tiny_folder))
+    assert summary["sweep"]["sink_attention_share"] == [0.0, None]
+    failure = summary["regimes"]["sink-2"]["sink_attention"]["failure"]
+    assert "cannot switch" in failure and "no attention implementation eager here" in failure
+    assert model.config._attn_implementation == "sdpa" and (tmp_path / "sink_sweep.png").exists()
+
+
 # ---- meaningless sinks -----------------------------------------------------------------------------------------
 def test_prefix_tokens_are_the_sinks_and_are_not_scored(tiny_folder, tmp_path):  # noqa: F811  (the fixture)
     """A 1-layer model streams exactly like a fresh forward over what it keeps (test_perplexity.py), so with the

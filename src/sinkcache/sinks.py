@@ -381,12 +381,17 @@ class CachedSinkMeter:
         hooks.append(decoder.register_forward_pre_hook(position, with_kwargs=True))
         try:
             if previous != "eager":
-                self.model.set_attn_implementation("eager")  # type: ignore[operator]
+                try:
+                    self.model.set_attn_implementation("eager")  # type: ignore[operator]
+                except (ValueError, ImportError, NotImplementedError) as error:
+                    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    raise SinkMeasureError(f"cannot switch {type(self.model).__name__} to eager attention, which "
+                                           f"reading attention weights needs: {first}") from None
             self.model(input_ids=token.reshape(1, 1), **{CACHE_KWARG: trial}, use_cache=True)
         finally:
             for hook in hooks:
                 hook.remove()
-            if previous != "eager":
+            if _attention_implementation(self.model) != previous:
                 self.model.set_attn_implementation(previous)  # type: ignore[operator]
         layers = len(recorder.keys)
         if sorted(weights) != list(range(layers)) or layers == 0:

@@ -10,7 +10,15 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from sinkcache.recall import accuracy_by_distance, accuracy_cached, build_trial, probe
+from sinkcache.recall import (
+    accuracy_by_distance,
+    accuracy_cached,
+    answer_trial,
+    build_trial,
+    make_cache,
+    probe,
+    trial_tokens,
+)
 from sinkcache.recall import main as recall_main
 from tests.test_perplexity import one_error_line, tiny_folder  # noqa: F401  (tiny_folder is a fixture)
 from tests.zoo import tiny_model
@@ -42,6 +50,21 @@ def test_every_regime_answers_alike_while_the_stream_fits_the_cache():
     assert result["lines_asked"] == [0, 1, 2, 3]
 
 
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n):
+        self.n += n
+
+
+def test_the_progress_bar_counts_every_token_run():
+    trial = build_trial(Digits(), num_lines=6, seed=3)
+    counter = Counter()
+    answer_trial(tiny_model("llama"), trial, [0, 5], make_cache("dense", 64, 4), chunk_size=7, progress=counter)
+    assert counter.n == trial_tokens(trial, [0, 5]) == len(trial.stream) + 2 * (len(trial.questions[0]) + 4)
+
+
 def test_facts_beyond_the_window_are_marked_evicted():
     result = probe(tiny_model("llama"), Digits(), num_lines=12, window_length=48, num_sink_tokens=4, trials=1,
                    questions=6, chunk_size=8, regimes=("window", "sink"))
@@ -67,6 +90,7 @@ def test_command_end_to_end(tiny_folder, tmp_path):  # noqa: F811  (the fixture)
     assert set(summary["accuracy"]) == {"dense", "window", "sink"} and len(summary["records"]) == 12
     assert (out / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "with the fact cached" in done.stdout
+    assert "recall: 100%" in done.stderr  # the progress bar ran to its end
 
 
 @pytest.mark.parametrize("argv, expected", [

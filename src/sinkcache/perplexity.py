@@ -19,9 +19,14 @@ token longer, its first token being context only. The regimes see the same strea
 
 Sink-count sweep (``sink_counts``, on the command line ``--num-sink-tokens 0,1,2,4,8``): the ``sink`` regime runs
 once per count at the same total cache size ``window_length``, as results ``sink-0``, ``sink-1``, ...; the summary's
-``sweep`` section lists the perplexity per count, the attention share the first ``count`` tokens receive (from
-``sinkcache.measure_sinks`` over a dense forward of the stream's first tokens) and ``recommend_sink_count``'s choice:
-the smallest count whose perplexity is within ``tolerance`` of the best.
+``sweep`` section lists the perplexity per count, the attention the sinks receive inside that run (below) and
+``recommend_sink_count``'s choice: the smallest count whose perplexity is within ``tolerance`` of the best.
+
+The sinks' attention in a sweep is measured by ``sinkcache.sinks.CachedSinkMeter`` inside the ``sink`` regime: the
+query of every ``attention_every``-th token from index ``window_length + 1`` on (the first token whose cache has
+evicted one) is run once more on a copy of the cache under eager attention, and the softmax weight each layer and
+head gives the sink keys is summed. The stream's own calls are untouched (sdpa, as without the meter), so the
+perplexities do not change; eager and sdpa weights agree to float rounding.
 
 Meaningless sinks (``sink_prefix``, StreamingLLM's ablation of what the sinks say): ``num_sink_tokens`` copies of
 ``sink_prefix``'s tokens (e.g. ``"\n"``) are put before the text in every regime and never scored, so ``sink`` keeps
@@ -48,7 +53,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,6 +92,7 @@ class Settings:
     num_sink_tokens: int = 4
     sink_counts: tuple[int, ...] = ()  # a sweep: the `sink` regime once per count (empty: num_sink_tokens only)
     tolerance: float = 0.02  # a sweep's recommendation: the smallest count within this of the best perplexity
+    attention_every: int = 16  # a sweep measures the sinks' attention at every this-many-th token past the window
     sink_prefix: str | None = None  # the sinks are num_sink_tokens tokens of this text, put before the stream
     regimes: tuple[str, ...] = REGIMES
     chunk_size: int = 1  # tokens per forward call in dense/window/sink
@@ -107,7 +113,7 @@ class Settings:
                                  f"{', '.join(REGIMES)}, e.g. --regimes window,sink.")
         positive = {"--num-tokens": self.num_tokens, "--window-length": self.window_length,
                     "--chunk-size": self.chunk_size, "--recompute-tokens": self.recompute_tokens,
-                    "--segment-size": self.segment_size}
+                    "--segment-size": self.segment_size, "--sink-attention-every": self.attention_every}
         for option, value in positive.items():
             if value < 1:
                 raise BenchmarkError(f"{option} must be at least 1, got {value}.")
@@ -155,6 +161,7 @@ class RegimeResult:
     seconds: float  # wall time of the stream, model and tokens already loaded
     memory: dict[str, Any] = field(default_factory=dict)  # see PeakMemory.result
     num_sink_tokens: int | None = None  # the sinks its cache kept (None: the run's num_sink_tokens)
+    sink_attention: dict[str, Any] | None = None  # a sweep's sink regime: the sinks' attention (CachedSinkShare)
 
 
 # ---- the four regimes -------------------------------------------------------------------------------------------
@@ -175,13 +182,15 @@ def make_cache(regime: str, window_length: int, num_sink_tokens: int):
 
 @torch.no_grad()
 def stream_nll(model: PreTrainedModel, tokens: torch.Tensor, cache: Any, chunk_size: int = 1,
-               progress: Any = None) -> torch.Tensor:
+               progress: Any = None, observe: Callable[[int, Any, torch.Tensor], None] | None = None) -> torch.Tensor:
     """NLL (nats) of ``tokens[1:]``, feeding ``tokens[:-1]`` once, ``chunk_size`` tokens per call, into ``cache``.
 
     Args:
         tokens: ``[T]`` token ids on the model's device.
         cache: a fresh cache; a ``SinkCache`` needs ``enable_streaming(model)`` first.
         progress: anything with ``update(n)`` (a tqdm bar), told how many tokens each call scored.
+        observe: called before each call as ``observe(start, cache, tokens[start:start + 1])``; it must leave the
+            cache as it found it (``CachedSinkMeter`` works on a copy).
 
     Returns:
         ``[T - 1]`` float64 on the CPU.
@@ -190,6 +199,8 @@ def stream_nll(model: PreTrainedModel, tokens: torch.Tensor, cache: Any, chunk_s
     nll = torch.empty(len(targets), dtype=torch.float64)
     for start in range(0, len(inputs), chunk_size):
         stop = min(start + chunk_size, len(inputs))
+        if observe is not None:
+            observe(start, cache, inputs[start:start + 1])
         logits = model(input_ids=inputs[None, start:stop], **{CACHE_KWARG: cache}, use_cache=True).logits[0]
         nll[start:stop] = token_nll(logits, targets[start:stop])
         if progress is not None:
@@ -281,6 +292,7 @@ def run_regime(model: PreTrainedModel, tokens: torch.Tensor, regime: str, settin
     The first ``scored_from`` tokens (a ``sink_prefix``) are fed but their NLL, and the NLL of the token after them,
     is not kept: the result scores the same ``num_tokens`` as the stream without them. ``recompute`` scores only
     the first ``settings.recompute_tokens`` tokens. A ``SinkCache`` regime needs ``enable_streaming(model)``.
+    In a sweep (``settings.sink_counts``) the ``sink`` regime also measures its sinks' attention (``sink_attention``).
     """
     from tqdm.auto import tqdm
 
@@ -293,15 +305,52 @@ def run_regime(model: PreTrainedModel, tokens: torch.Tensor, regime: str, settin
     with tqdm(total=scored_from + count, desc=f"{name:>9}", unit="tok", disable=not settings.progress) as bar, \
             PeakMemory(device) as memory:
         start = time.perf_counter()
+        meter = None
         if regime == "recompute":
             nll = recompute_nll(model, tokens, settings.window_length, settings.num_sink_tokens, bar)
         else:
             cache = make_cache(regime, settings.window_length, settings.num_sink_tokens)
-            nll = stream_nll(model, tokens, cache, settings.chunk_size, bar)
+            meter = _SinkAttention(model, tokens, settings) if regime == "sink" and settings.sink_counts else None
+            nll = stream_nll(model, tokens, cache, settings.chunk_size, bar, meter)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    return RegimeResult(name, nll[scored_from:], seconds, memory.result(), settings.num_sink_tokens)
+        seconds = time.perf_counter() - start  # includes the meter's extra steps, one per attention_every tokens
+    return RegimeResult(name, nll[scored_from:], seconds, memory.result(), settings.num_sink_tokens,
+                        None if meter is None else meter.result())
+
+
+class _SinkAttention:
+    """``stream_nll``'s ``observe`` for a sweep's sink regime: a ``CachedSinkMeter`` that, should the model's
+    attention weights be unreadable, stops measuring and keeps the reason, so the perplexity is still scored."""
+
+    def __init__(self, model: PreTrainedModel, tokens: torch.Tensor, settings: Settings):
+        from .sinks import CachedSinkMeter
+
+        self.count = settings.num_sink_tokens
+        self.failure: str | None = None
+        self.meter: CachedSinkMeter | None = None
+        if self.count:  # no sinks: nothing to measure, their share is 0
+            self.meter = CachedSinkMeter(model, tokens[: self.count], settings.window_length,
+                                         settings.window_length + 1, settings.attention_every)
+
+    def __call__(self, step: int, cache: Any, token: torch.Tensor) -> None:
+        from .sinks import SinkMeasureError
+
+        if self.meter is None or self.failure is not None:
+            return
+        try:
+            self.meter(step, cache, token)
+        except SinkMeasureError as error:
+            self.failure = str(error)
+
+    def result(self) -> dict[str, Any]:
+        """``CachedSinkShare.to_dict`` (``mean_share`` 0 without sinks, ``None`` if not measured, with ``failure``)."""
+        if self.meter is None:
+            return {"num_sink_tokens": 0, "steps_sampled": 0, "mean_share": 0.0, "share_per_layer": None}
+        if self.failure is not None:
+            return {"num_sink_tokens": self.count, "mean_share": None, "share_per_layer": None,
+                    "failure": self.failure}
+        return self.meter.result().to_dict()
 
 
 # ---- text ------------------------------------------------------------------------------------------------------
@@ -421,12 +470,14 @@ def summarize(results: Sequence[RegimeResult], settings: Settings, extra: dict[s
             "tokens_per_second": len(result.nll) / result.seconds,
             **result.memory,
         }
+        if result.sink_attention is not None:
+            regimes[result.name]["sink_attention"] = result.sink_attention
     config = {key: value for key, value in asdict(settings).items() if key != "progress"}
     config["regimes"] = list(settings.regimes)
     if settings.sink_counts:
         config["sink_counts"] = list(settings.sink_counts)
     else:  # a run without a sweep writes the same config as before sweeps existed
-        del config["sink_counts"], config["tolerance"]
+        del config["sink_counts"], config["tolerance"], config["attention_every"]
     if settings.sink_prefix is None:
         del config["sink_prefix"]
     return {
@@ -504,37 +555,23 @@ def recommend_sink_count(perplexity_by_count: Mapping[int, float], tolerance: fl
     return min(count for count, value in perplexity_by_count.items() if value <= best * (1 + tolerance))
 
 
-def sink_attention(model: PreTrainedModel, tokens: torch.Tensor, counts: Sequence[int]) -> dict[str, Any]:
-    """Mean attention share (all layers and heads) the stream's first ``count`` tokens receive, per count.
-
-    Measured by ``measure_sinks`` over one dense forward of the stream's first ``min(len(tokens), 1024)`` tokens,
-    queries past the first quarter of them: what the sinks draw while the model sees everything before them.
-    A model whose attention weights cannot be read gets ``None`` shares and the reason.
-    """
-    from .sinks import SinkMeasureError, measure_sinks
-
-    length = min(len(tokens), 1024)
-    method = f"measure_sinks over the stream's first {length} tokens, queries at positions >= {length // 4}"
-    if max(counts) == 0:
-        return {"share": [0.0] * len(counts), "method": method}
-    try:
-        report = measure_sinks(model, tokens[:length], num_first=max(counts), skip=length // 4)
-    except SinkMeasureError as error:
-        return {"share": [None] * len(counts), "method": f"not measured: {error}"}
-    return {"share": [report.share[..., :count].sum(-1).mean().item() for count in counts], "method": method}
-
-
-def sweep_summary(summary: dict[str, Any], settings: Settings, attention: dict[str, Any]) -> dict[str, Any]:
-    """The ``sweep`` section of ``results.json``: per count its perplexity and sink attention, and the choice."""
+def sweep_summary(summary: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The ``sweep`` section of ``results.json``: per count its perplexity and the attention its sinks received in
+    its run (mean over layers and heads, and per layer; ``None`` where it could not be measured), and the choice."""
     counts = list(settings.sink_counts)
-    values = [summary["regimes"][f"sink-{count}"]["perplexity"] for count in counts]
+    regimes = [summary["regimes"][f"sink-{count}"] for count in counts]
+    values = [regime["perplexity"] for regime in regimes]
     best = min(values)
     return {
         "window_length": settings.window_length,
         "counts": counts,
         "perplexity": values,
-        "sink_attention_share": attention["share"],
-        "sink_attention_method": attention["method"],
+        "sink_attention_share": [regime["sink_attention"]["mean_share"] for regime in regimes],
+        "sink_attention_share_per_layer": [regime["sink_attention"]["share_per_layer"] for regime in regimes],
+        "sink_attention_method": (
+            f"in the sink regime: the query of every {settings.attention_every}th token from index "
+            f"{settings.window_length + 1} on, re-run on a copy of the cache under eager attention; softmax weight "
+            "on the keys equal to the sinks' keys, mean over the sampled queries, layers and heads"),
         "tolerance": settings.tolerance,
         "best_num_sink_tokens": counts[values.index(best)],
         "recommended_num_sink_tokens": recommend_sink_count(dict(zip(counts, values)), settings.tolerance),
@@ -543,7 +580,7 @@ def sweep_summary(summary: dict[str, Any], settings: Settings, attention: dict[s
 
 def format_sweep(sweep: dict[str, Any]) -> str:
     """The sweep as a markdown table plus the recommendation, one line."""
-    lines = [f"| sinks (cache {sweep['window_length']}) | perplexity | attention on the sinks |",
+    lines = [f"| sinks (cache {sweep['window_length']}) | perplexity | attention on the sinks (in the cache) |",
              "| ---: | ---: | ---: |"]
     for count, value, share in zip(sweep["counts"], sweep["perplexity"], sweep["sink_attention_share"]):
         lines.append(f"| {count} | {value:.3f} | {'n/a' if share is None else f'{share:.1%}'} |")
@@ -576,7 +613,7 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
         share_axis = axis.twinx()
         share_axis.bar(places, [100 * share for share in sweep["sink_attention_share"]], alpha=0.25,
                        color="tab:orange")
-        share_axis.set_ylabel("attention on the sinks (%)", color="tab:orange")
+        share_axis.set_ylabel("attention on the sinks, in the cache (%)", color="tab:orange")
         axis.set_zorder(share_axis.get_zorder() + 1)
         axis.patch.set_visible(False)
     axis.legend(loc="upper right")
@@ -678,8 +715,7 @@ def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> d
         extra["sink_prefix_token_ids"] = prefix
     summary = summarize(results, settings, extra)
     if settings.sink_counts:
-        summary["sweep"] = sweep_summary(summary, settings, sink_attention(model, tokens, settings.sink_counts))
-        summary["wall_seconds"] = time.perf_counter() - started
+        summary["sweep"] = sweep_summary(summary, settings)
     (output / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, output / "perplexity.png")
     if settings.sink_counts:
@@ -718,6 +754,9 @@ def parser() -> argparse.ArgumentParser:
                         "those counts at the same --window-length")
     p.add_argument("--tolerance", type=float, default=d.tolerance,
                    help="a sweep recommends the smallest count whose perplexity is within this of the best")
+    p.add_argument("--sink-attention-every", dest="attention_every", type=int, default=d.attention_every,
+                   help="a sweep measures the attention on the sinks inside the sink regime at every this-many-th "
+                        "token past the window (one extra forward each)")
     p.add_argument("--sink-prefix", metavar="TEXT", default=d.sink_prefix,
                    help="put --num-sink-tokens tokens of TEXT before the stream (not scored) as sinks that carry "
                         "no meaning; backslash escapes are read: '\\n' is a newline")

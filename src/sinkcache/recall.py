@@ -75,51 +75,70 @@ def make_cache(regime: str, window_length: int, num_sink_tokens: int) -> Any:
 
 
 @torch.no_grad()
-def answer_trial(model: Any, trial: Trial, lines: Sequence[int], cache: Any, chunk_size: int) -> list[list[int]]:
+def answer_trial(model: Any, trial: Trial, lines: Sequence[int], cache: Any, chunk_size: int,
+                 progress: Any = None) -> list[list[int]]:
     """Feed ``trial.stream`` into ``cache`` (``chunk_size`` tokens per call), then for each of ``lines`` ask about it
     on a copy of the cache: the model's greedy (teacher-forced) predictions of that line's answer tokens.
 
-    A ``SinkCache`` needs ``enable_streaming(model)`` first.
+    A ``SinkCache`` needs ``enable_streaming(model)`` first. ``progress`` (anything with ``update(n)``, a tqdm bar)
+    is told the tokens of each call: the stream's, then each question's (``trial_tokens`` in all).
     """
     device = next(model.parameters()).device
     stream = torch.tensor(trial.stream, device=device)
     for start in range(0, len(stream), chunk_size):
-        model(input_ids=stream[None, start:start + chunk_size], **{CACHE_KWARG: cache}, use_cache=True)
+        chunk = stream[None, start:start + chunk_size]
+        model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True)
+        if progress is not None:
+            progress.update(chunk.shape[1])
     predictions = []
     for line in lines:
         answer = trial.answers[line]
         asked = torch.tensor(trial.questions[line] + answer[:-1], device=device)
         logits = model(input_ids=asked[None], **{CACHE_KWARG: copy.deepcopy(cache)}, use_cache=True).logits[0]
         predictions.append(logits[-len(answer):].argmax(-1).tolist())
+        if progress is not None:
+            progress.update(len(asked))
     return predictions
+
+
+def trial_tokens(trial: Trial, lines: Sequence[int]) -> int:
+    """Tokens ``answer_trial`` runs for ``lines``: the stream, then each question with its answer but the last."""
+    return len(trial.stream) + sum(len(trial.questions[line]) + len(trial.answers[line]) - 1 for line in lines)
 
 
 def probe(model: Any, tokenizer: Any, num_lines: int, window_length: int, num_sink_tokens: int = 4,
           trials: int = 2, questions: int = 12, chunk_size: int = 16, regimes: Sequence[str] = REGIMES,
-          seed: int = 0) -> dict[str, Any]:
+          seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Recall against distance for each regime; returns ``{"records": [...], "stream_tokens": ..., ...}``.
 
     Each record is ``{"regime", "trial", "line", "distance", "correct"}``; ``distance`` is in tokens of the stream
-    after the fact. ``questions`` lines per trial are asked about, spread evenly over the stream.
+    after the fact. ``questions`` lines per trial are asked about, spread evenly over the stream. ``progress``
+    shows a progress bar (tqdm, on stderr) over every token run, streams and questions.
     """
+    from tqdm.auto import tqdm
+
     records = []
     stream_tokens = 0
     lines = sorted({round(i * (num_lines - 1) / max(questions - 1, 1)) for i in range(questions)})
+    built = [build_trial(tokenizer, num_lines, seed + number) for number in range(trials)]  # cheap: token ids only
+    total = len(regimes) * sum(trial_tokens(trial, lines) for trial in built)
     enable_streaming(model, window_length, num_sink_tokens)
     try:
-        for number in range(trials):
-            trial = build_trial(tokenizer, num_lines, seed + number)
-            stream_tokens = len(trial.stream)
-            for regime in regimes:
-                cache = make_cache(regime, window_length, num_sink_tokens)
-                predicted = answer_trial(model, trial, lines, cache, chunk_size)
-                kept = {"dense": None, "window": window_length, "sink": window_length - num_sink_tokens}[regime]
-                for line, guess in zip(lines, predicted):
-                    distance = len(trial.stream) - trial.line_ends[line]
-                    # cached: the answer's tokens are among the recent tokens the question call sees
-                    cached = kept is None or distance + len(trial.answers[line]) <= kept
-                    records.append({"regime": regime, "trial": number, "line": line, "distance": distance,
-                                    "cached": cached, "correct": guess == trial.answers[line], "predicted": guess})
+        with tqdm(total=total, desc="recall", unit="tok", disable=not progress) as bar:
+            for number, trial in enumerate(built):
+                stream_tokens = len(trial.stream)
+                for regime in regimes:
+                    bar.set_postfix_str(f"trial {number + 1}/{trials}, {regime}")
+                    cache = make_cache(regime, window_length, num_sink_tokens)
+                    predicted = answer_trial(model, trial, lines, cache, chunk_size, bar)
+                    kept = {"dense": None, "window": window_length, "sink": window_length - num_sink_tokens}[regime]
+                    for line, guess in zip(lines, predicted):
+                        distance = len(trial.stream) - trial.line_ends[line]
+                        # cached: the answer's tokens are among the recent tokens the question call sees
+                        cached = kept is None or distance + len(trial.answers[line]) <= kept
+                        records.append({"regime": regime, "trial": number, "line": line,
+                                        "distance": distance, "cached": cached,
+                                        "correct": guess == trial.answers[line], "predicted": guess})
     finally:
         disable_streaming(model)
     return {"records": records, "stream_tokens": stream_tokens, "window_length": window_length,
@@ -191,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=16, help="stream tokens per forward call")
     p.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, from " + ", ".join(REGIMES))
     p.add_argument("--out", default="results/recall", help="folder for recall.json and recall.png")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
@@ -219,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     result = probe(model, tokenizer, options.num_lines, options.window_length, options.num_sink_tokens,
-                   options.trials, options.questions, options.chunk_size, regimes)
+                   options.trials, options.questions, options.chunk_size, regimes, progress=options.progress)
     summary = {
         "probe": "sinkcache recall (StreamEval-style planted passcodes)",
         "command": " ".join(["python -m sinkcache recall", *args]),

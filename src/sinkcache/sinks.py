@@ -20,6 +20,11 @@ What is measured, honestly:
 * gpt-oss adds a learned sink logit to every softmax and drops it afterwards, so its rows sum to less than 1;
   ``total_share`` (the mean row sum) shows what the real tokens received.
 * ``uniform_share`` is what a head that spread its attention evenly over the keys it can see would give token 0.
+
+``measure_sinks`` sees the whole text, as dense attention does. ``CachedSinkMeter`` measures the same share inside a
+``SinkCache``, where the query sees only the sinks and the recent tokens: at sampled steps of a stream, on a copy of
+the cache, the sink keys found from the cache's position contract (see the class); the perplexity benchmark's
+sink-count sweep reports it per count.
 """
 
 from __future__ import annotations
@@ -217,6 +222,203 @@ def _measure(model: nn.Module, input_ids: torch.Tensor, num_first: int, skip: in
         layer_types=list(layer_types) if layer_types else None,
         sliding_window=window if isinstance(window, int) else None,
     )
+
+
+# ---- inside a SinkCache -----------------------------------------------------------------------------------------
+_MATCH_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative; other dtypes (half types): 3e-2
+
+
+def _may_lack_sinks(config: Any, layer: int) -> bool:
+    """Whether layer ``layer`` may legitimately attend to no sink key: a sliding-window (or chunked) layer, whose
+    cache may keep only its own window (as the config says)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[layer] != "full_attention"
+    return isinstance(getattr(config, "sliding_window", None), int) and getattr(config, "use_sliding_window", True)
+
+
+class _Recorder:
+    """Wraps one cache's ``update`` (the transformers ``Cache`` interface) and records, per layer, the keys it
+    returns: with ``new=False`` the keys the layer's attention is about to weigh (and ``pending``, that layer, for
+    the forward hook that reads the weights next); with ``new=True`` the new keys passed in."""
+
+    def __init__(self, cache: Any, new: bool):
+        self.update = cache.update
+        self.new = new
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> [kv heads, keys, head_dim] float32, batch row 0
+        self.pending: int | None = None
+        cache.update = self
+
+    def __call__(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                 **kwargs: Any) -> Any:
+        keys, values = self.update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.keys[layer_idx] = (key_states if self.new else keys)[0].detach().float().clone()
+        self.pending = layer_idx
+        return keys, values
+
+
+@dataclass
+class CachedSinkShare:
+    """The attention a ``SinkCache``'s sinks receive from the query of a step, averaged over the sampled steps.
+
+    Shares are fractions of a query's attention (softmax weights summed over the sink keys), in ``[0, 1]``.
+    """
+
+    num_sink_tokens: int
+    steps: list[int]  # token indices (stream order) of the sampled queries
+    per_step: torch.Tensor  # [steps, layers, heads] float64: each sampled query's share on the sinks
+    layers_without_sinks: list[int]  # sliding layers whose attended keys held no sink at some sampled step
+
+    @property
+    def share(self) -> torch.Tensor:
+        """``[layers, heads]``: mean over the sampled steps."""
+        return self.per_step.mean(0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the mean share over all layers and heads, per layer, the steps sampled."""
+        sampled = bool(self.steps)  # no step sampled (a stream within the window): nothing measured
+        return {"num_sink_tokens": self.num_sink_tokens, "steps_sampled": len(self.steps),
+                "first_step": self.steps[0] if sampled else None, "last_step": self.steps[-1] if sampled else None,
+                "mean_share": self.share.mean().item() if sampled else None,
+                "share_per_layer": self.share.mean(1).tolist() if sampled else None,
+                "layers_without_sinks": self.layers_without_sinks}
+
+
+class CachedSinkMeter:
+    """Measure, inside the sink regime, the attention each layer and head gives the sinks of a ``SinkCache``.
+
+    Called before each forward call of a stream (see ``perplexity.stream_nll``'s ``observe``), it samples the steps
+    whose token index is ``>= first_step`` and a multiple of ``every`` past it (with chunks, the first chunk start at
+    or after each such index). A sampled step is run once more, for its first token, on a ``copy.deepcopy`` of the
+    cache, with the model switched to eager attention (the only implementation that returns the weights) and back:
+    the stream's own call then runs as without the meter, so its logits, and the perplexity, are unchanged bit for
+    bit. The copy's query sees exactly what the stream's next token sees, so its weights are the regime's.
+
+    Which of the keys ``Cache.update`` returns to a layer are the sinks is not read from the cache's storage (which
+    may order, split or rotate its keys as it likes) but derived from the position contract of ``SinkCache``: the
+    query is ``L = min(step, window_length)`` positions after sink 0, and the sinks are the stream's first
+    ``num_sink_tokens`` tokens, which only ever saw each other. RoPE attention depends on position differences only,
+    so a cache may rotate all keys by a common shift (SinkCache does): the query's position ``p`` is read from the
+    ``position_ids`` the streaming hook gives the decoder, and a plain forward of the sink tokens at positions
+    ``p - L + i`` gives each layer's sink keys as the cache must hold them. A returned key within a relative distance
+    of 1e-3 (float32; 3e-2 in half precision) of a sink's key, over all key heads at once, is that sink's; their
+    softmax weights are summed (a masked copy weighs 0). Batch 1, no padding.
+
+    A full-attention layer none of whose attended keys is a sink's raises ``SinkMeasureError``; a sliding-window
+    layer may hold none (its share is then 0) and is listed in ``layers_without_sinks``.
+    """
+
+    def __init__(self, model: nn.Module, sink_ids: torch.Tensor, window_length: int, first_step: int, every: int):
+        """``sink_ids``: ``[num_sink_tokens]`` the stream's first token ids (on the model's device)."""
+        if len(sink_ids) < 1 or every < 1 or window_length <= len(sink_ids):
+            raise SinkMeasureError(f"need at least 1 sink, fewer than window_length ({window_length}), and every "
+                                   f">= 1; got {len(sink_ids)} sinks and every={every}.")
+        self.model = model
+        self.sink_ids = sink_ids
+        self.window_length = window_length
+        self.next_step = first_step
+        self.every = every
+        self.steps: list[int] = []
+        self.per_step: list[torch.Tensor] = []
+        self.without: set[int] = set()
+        self.config = model.config.get_text_config(decoder=True)  # type: ignore[operator, union-attr]
+
+    @torch.no_grad()
+    def __call__(self, step: int, cache: Any, token: torch.Tensor) -> None:
+        """Before the stream's call that starts at token index ``step`` with ``token`` (``[1]`` id) and ``cache``."""
+        if step < self.next_step:
+            return
+        self.next_step = step + self.every - (step - self.next_step) % self.every
+        attended, weights, position = self._run_copy(cache, token)
+        shift = position - min(step, self.window_length)  # where the cache's rotation puts sink 0
+        sinks = self._sink_keys(shift)
+        tolerance = _MATCH_TOLERANCE.get(next(self.model.parameters()).dtype, 3e-2)
+        shares = []
+        for layer in range(len(sinks)):
+            reference = sinks[layer].transpose(0, 1).flatten(1)  # [sinks, kv heads * head_dim]
+            keys = attended[layer].transpose(0, 1).flatten(1)  # [keys, kv heads * head_dim]
+            distance = torch.cdist(keys[None], reference[None])[0] / reference.norm(dim=-1).clamp_min(1e-12)
+            is_sink = (distance <= tolerance).any(-1)  # [keys]
+            if not is_sink.any():
+                if not _may_lack_sinks(self.config, layer):
+                    raise SinkMeasureError(f"no key layer {layer} attends to at step {step} is a sink's: the cache "
+                                           "does not keep the stream's first tokens where its contract says.")
+                self.without.add(layer)
+            shares.append(weights[layer][:, is_sink.to(weights[layer].device)].sum(-1).cpu())
+        self.steps.append(step)
+        self.per_step.append(torch.stack(shares))
+
+    def _run_copy(self, cache: Any, token: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor],
+                                                                   int]:
+        """Run ``token`` on a copy of ``cache`` under eager attention: per layer the keys attended and the query's
+        weights on them (``[heads, keys]`` float64), and the query's position."""
+        import copy
+
+        from .compat import CACHE_KWARG
+
+        trial = copy.deepcopy(cache)
+        recorder = _Recorder(trial, new=False)
+        weights: dict[int, torch.Tensor] = {}
+        positions: list[torch.Tensor] = []
+
+        def read(module: nn.Module, args: Any, output: Any) -> None:
+            layer = recorder.pending
+            if layer is None or not (isinstance(output, tuple) and len(output) > 1):
+                return
+            found, keys = output[1], recorder.keys[layer]
+            if isinstance(found, torch.Tensor) and found.dim() == 4 and found.shape[-1] == keys.shape[1]:
+                weights[layer] = found[0, :, -1].double()
+                recorder.pending = None  # a decoder layer passing the same weights up is not counted twice
+
+        def position(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):
+                positions.append(kwargs["position_ids"])
+
+        previous = _attention_implementation(self.model)
+        hooks = [module.register_forward_hook(read) for module in self.model.modules()]
+        # after enable_streaming's own pre-hook on the decoder, which sets the step's position_ids
+        decoder: nn.Module = self.model.base_model  # type: ignore[assignment]
+        hooks.append(decoder.register_forward_pre_hook(position, with_kwargs=True))
+        try:
+            if previous != "eager":
+                try:
+                    self.model.set_attn_implementation("eager")  # type: ignore[operator]
+                except (ValueError, ImportError, NotImplementedError) as error:
+                    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    raise SinkMeasureError(f"cannot switch {type(self.model).__name__} to eager attention, which "
+                                           f"reading attention weights needs: {first}") from None
+            self.model(input_ids=token.reshape(1, 1), **{CACHE_KWARG: trial}, use_cache=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if _attention_implementation(self.model) != previous:
+                self.model.set_attn_implementation(previous)  # type: ignore[operator]
+        layers = len(recorder.keys)
+        if sorted(weights) != list(range(layers)) or layers == 0:
+            raise SinkMeasureError(f"read the attention weights of {len(weights)} of {layers} layers: this model's "
+                                   "attention modules do not return their weights under eager attention.")
+        if len(positions) != 1:
+            raise SinkMeasureError("the step's position_ids were not passed to the decoder: is the model streaming "
+                                   "(enable_streaming) and the cache a SinkCache?")
+        return recorder.keys, weights, int(positions[0].reshape(-1)[-1])
+
+    def _sink_keys(self, shift: int) -> list[torch.Tensor]:
+        """Each layer's keys of the sink tokens at positions ``shift + i`` (``[kv heads, sinks, head_dim]``), by a
+        plain forward of those tokens alone into a ``DynamicCache``."""
+        from transformers import DynamicCache
+
+        from .compat import CACHE_KWARG
+
+        fresh = DynamicCache()
+        recorder = _Recorder(fresh, new=True)
+        positions = shift + torch.arange(len(self.sink_ids), device=self.sink_ids.device)
+        self.model(input_ids=self.sink_ids[None], position_ids=positions[None], **{CACHE_KWARG: fresh}, use_cache=True)
+        return [recorder.keys[layer] for layer in range(len(recorder.keys))]
+
+    def result(self) -> CachedSinkShare:
+        """What was measured; ``per_step`` is empty (``[0, 0, 0]``) when no step was sampled."""
+        per_step = torch.stack(self.per_step) if self.per_step else torch.zeros(0, 0, 0, dtype=torch.float64)
+        return CachedSinkShare(len(self.sink_ids), self.steps, per_step, sorted(self.without))
 
 
 # ---- the command line ------------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--inputs", type=Path, required=True, help="inputs.json written by run.py")
     p.add_argument("--output", type=Path, required=True, help="the result JSON")
     p.add_argument("--num-tokens", type=int, default=4096, help="tokens scored in window and sink")
+    p.add_argument("--window-tokens", type=int, default=None, help="tokens scored in window (default: --num-tokens)")
     p.add_argument("--dense-tokens", type=int, default=1024, help="tokens scored in dense (the plain cache)")
     p.add_argument("--window-length", type=int, default=128, help="cache size, sinks included")
     p.add_argument("--num-sink-tokens", type=int, default=4)
@@ -141,7 +142,7 @@ class AttentionObserver:
         config = model.config
         self.num_heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = config.hidden_size // self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.layers = list(layers)
         self.window_length, self.num_sink_tokens = window_length, num_sink_tokens
         self.prints: dict[int, list[dict[bytes, int]]] = {i: [{} for _ in range(self.kv_heads)] for i in self.layers}
@@ -353,7 +354,7 @@ def speed_ratio(peer: StreamFactory, plain: StreamFactory, ids: Any, window_leng
             "steps": steps, "runs": runs}
 
 
-def chunk_leak(factory: StreamFactory, ids: Any, window_length: int, chunk: int) -> float:
+def chunk_leak(factory: StreamFactory, ids: Any, window_length: int, chunk: int, vocab_size: int = 49152) -> float:
     """How much chunk token 0's logits move when the chunk's later tokens change (0 for a causal stream).
 
     Two fresh streams are each fed the stream's first ``window_length + chunk`` tokens ``chunk`` per call (so the
@@ -371,7 +372,7 @@ def chunk_leak(factory: StreamFactory, ids: Any, window_length: int, chunk: int)
                 step(ids[None, start:start + chunk])
             block = ids[first:first + chunk].clone()
             if changed:
-                block[1:] = (block[1:] + 1000) % 49152
+                block[1:] = (block[1:] + 1000) % vocab_size
             logits.append(step(block[None])[0].float())
     return float((logits[0] - logits[1]).abs().max())
 
@@ -409,9 +410,16 @@ def measure(peer: str, args: argparse.Namespace, versions: dict[str, str], load:
         write_json(args.output, result)
         return 1
     layers = [int(i) for i in args.observe_layers.split(",") if i]
-    plan = [("dense", "plain", args.dense_tokens, 0), ("window", "peer", args.num_tokens, 0),
-            ("sink", "peer", args.num_tokens, s)]
+    window_tokens = args.num_tokens if args.window_tokens is None else args.window_tokens
+    # the sink regime first after the short dense check: a run cut short keeps what matters most
+    plan = [("dense", "plain", args.dense_tokens, 0), ("sink", "peer", args.num_tokens, s),
+            ("speed", "", 0, 0), ("long", "", 0, 0), ("window", "peer", window_tokens, 0)]
     for regime, kind, count, sinks in plan:
+        if regime == "speed":
+            result["speed"] = _speed(args, models, streams, ids, result["errors"])
+        elif regime == "long" and args.long_tokens:
+            _long(args, models, streams, ids, result)
+        write_json(args.output, result)  # after every part: what finished survives an interrupted run
         if count <= 0:
             continue
         print(f"[{peer}] {regime}: {count} tokens", flush=True)
@@ -433,39 +441,50 @@ def measure(peer: str, args: argparse.Namespace, versions: dict[str, str], load:
         except Exception as error:
             result["errors"][regime] = f"{type(error).__name__}: {error}"
             print(f"[{peer}] {regime} failed: {result['errors'][regime]}", file=sys.stderr, flush=True)
-    speed: list[dict[str, Any]] = []
-    for size in [int(w) for w in args.speed_windows.split(",") if w]:
-        print(f"[{peer}] speed at a {size}-token cache", flush=True)
-        try:
-            speed.append(speed_ratio(streams(models, "peer", size, s), streams(models, "plain", size, 0), ids, size,
-                                     args.speed_steps, args.speed_runs))
-        except Exception as error:
-            result["errors"][f"speed-{size}"] = f"{type(error).__name__}: {error}"
-    result["speed"] = speed
-    if args.long_tokens:
-        print(f"[{peer}] long stream: {args.long_tokens} tokens, {args.long_chunk} per call", flush=True)
-        try:
-            leak = chunk_leak(streams(models, "peer-chunked", W, s), ids, W, args.long_chunk)
-            if leak > 1e-3:
-                raise RuntimeError(f"not causal in chunks of {args.long_chunk}: the first token's logits move by "
-                                   f"{leak:.3g} when the chunk's later tokens change, so chunked perplexity would "
-                                   "score tokens that saw their successors")
-            step = streams(models, "peer-chunked", W, s)()
-            nll, seconds = stream_nll(step, ids[: args.long_tokens + 1], chunk=args.long_chunk,
-                                      label=f"{peer} long")
-            tail = nll[-1000:]
-            result["long"] = {"tokens": args.long_tokens, "chunk": args.long_chunk, "perplexity": perplexity(nll),
-                              "chunk_leak_max_logit_change": leak,
-                              "perplexity_last_1000": perplexity(tail), "seconds": seconds,
-                              "perplexity_by_2000": [perplexity(nll[i:i + 2000]) for i in range(0, len(nll), 2000)],
-                              "running": running(nll, 128)}
-        except Exception as error:
-            result["errors"]["long"] = f"{type(error).__name__}: {error}"
     if result["errors"] and not result["regimes"]:
         result["status"] = "failed"
     write_json(args.output, result)
     print(f"[{peer}] wrote {args.output}", flush=True)
     return 0
+
+
+def _speed(args: argparse.Namespace, models: Any, streams: Callable[[Any, str, int, int], StreamFactory], ids: Any,
+           errors: dict[str, str]) -> list[dict[str, Any]]:
+    """``speed_ratio`` at each of ``--speed-windows``; a failure goes into ``errors``."""
+    speed: list[dict[str, Any]] = []
+    for size in [int(w) for w in args.speed_windows.split(",") if w]:
+        print(f"[speed] at a {size}-token cache", flush=True)
+        try:
+            speed.append(speed_ratio(streams(models, "peer", size, args.num_sink_tokens),
+                                     streams(models, "plain", size, 0), ids, size, args.speed_steps, args.speed_runs))
+        except Exception as error:
+            errors[f"speed-{size}"] = f"{type(error).__name__}: {error}"
+    return speed
+
+
+def _long(args: argparse.Namespace, models: Any, streams: Callable[[Any, str, int, int], StreamFactory], ids: Any,
+          result: dict[str, Any]) -> None:
+    """The long stream (sink regime, ``--long-chunk`` tokens per call) into ``result["long"]``, after checking that
+    the peer's chunks are causal (``chunk_leak``); a failure goes into ``result["errors"]["long"]``."""
+    W, s, peer = args.window_length, args.num_sink_tokens, result["peer"]
+    print(f"[{peer}] long stream: {args.long_tokens} tokens, {args.long_chunk} per call", flush=True)
+    try:
+        leak = chunk_leak(streams(models, "peer-chunked", W, s), ids, W, args.long_chunk)
+        if leak > 1e-3:
+            raise RuntimeError(f"not causal in chunks of {args.long_chunk}: the first token's logits move by "
+                               f"{leak:.3g} when the chunk's later tokens change, so chunked perplexity would "
+                               "score tokens that saw their successors")
+        step = streams(models, "peer-chunked", W, s)()
+        nll, seconds = stream_nll(step, ids[: args.long_tokens + 1], chunk=args.long_chunk,
+                                  label=f"{peer} long")
+        tail = nll[-1000:]
+        result["long"] = {"tokens": args.long_tokens, "chunk": args.long_chunk, "perplexity": perplexity(nll),
+                          "chunk_leak_max_logit_change": leak,
+                          "perplexity_last_1000": perplexity(tail), "seconds": seconds,
+                          "perplexity_by_2000": [perplexity(nll[i:i + 2000]) for i in range(0, len(nll), 2000)],
+                          "running": running(nll, 128)}
+    except Exception as error:
+        result["errors"]["long"] = f"{type(error).__name__}: {error}"
 
 
 def _first_model(models: Any) -> Any:

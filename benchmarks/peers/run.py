@@ -119,14 +119,28 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _attends(data: dict[str, Any]) -> str:
-    a = (data.get("regimes", {}).get("sink") or {}).get("attention")
+def _dense(data: dict[str, Any], reference: dict[str, Any] | None) -> str:
+    """The dense perplexity, with the largest per-token NLL difference from sinkcache's venv on the same tokens."""
+    text = _ppl(data, "dense")
+    mine = data.get("regimes", {}).get("dense", {}).get("nll_first_256")
+    theirs = (reference or {}).get("regimes", {}).get("dense", {}).get("nll_first_256")
+    if mine and theirs and data is not reference:
+        text += f" (max \\|ΔNLL\\| {max(abs(a - b) for a, b in zip(mine, theirs)):.0e})"
+    return text
+
+
+def _attends(data: dict[str, Any], regime: str = "sink") -> str:
+    a = (data.get("regimes", {}).get(regime) or {}).get("attention")
     if not a:
         return "–"
     keys = a["min_keys"] if a["min_keys"] == a["max_keys"] else f"{a['min_keys']}-{a['max_keys']}"
     text = (f"{a['exact']:,}/{a['steps']:,} steps exactly StreamingLLM's set, {a['sinks_plus_recent']:,} sinks + "
             f"unbroken recent run, {a['sinks_kept']:,} kept all sinks; {keys} keys")
     mismatch = a.get("first_mismatch")
+    if a.get("fingerprint_collisions"):
+        text += f"; {a['fingerprint_collisions']} fingerprint collisions (positions ambiguous)"
+    if a.get("unknown_rows"):
+        text += f"; {a['unknown_rows']:,} rows matched no token"
     if mismatch and "positions" in mismatch:
         text += f"; first differs at token {mismatch['token']:,} (layer {mismatch['layer']}, kv head " \
                 f"{mismatch['kv_head']}): {_short(mismatch['positions'], 60)}"
@@ -144,12 +158,16 @@ def _versions(data: dict[str, Any]) -> str:
 
 def table(results: dict[str, dict[str, Any]], inputs: dict[str, Any] | None) -> str:
     """The README's markdown table, one row per peer (failures with their error), and the long-stream row."""
-    n = next((r["regimes"]["sink"]["tokens"] for r in results.values() if "sink" in r.get("regimes", {})), None)
-    dense_n = next((r["regimes"]["dense"]["tokens"] for r in results.values() if "dense" in r.get("regimes", {})),
-                   None)
-    lines = [f"| cache (versions) | perplexity, sink (4 + 124) | window (128, no sinks) | dense, first "
-             f"{dense_n or '?'} (plain cache) | what each token attended to (observed, sink regime) | decode speed "
-             f"/ own plain cache @ cache size |",
+    def count(regime: str) -> str:
+        n = next((r["regimes"][regime]["tokens"] for r in results.values() if regime in r.get("regimes", {})), None)
+        return f"{n:,}" if n else "?"
+
+    settings = next((r["settings"] for r in results.values() if "settings" in r), {})
+    W, s = settings.get("window_length", 128), settings.get("num_sink_tokens", 4)
+    reference = results.get("sinkcache")
+    lines = [f"| cache (versions) | perplexity, sink ({s} + {W - s}), {count('sink')} tokens | window ({W}, no "
+             f"sinks), {count('window')} tokens | dense (plain cache), {count('dense')} tokens | what each token "
+             f"attended to (observed, sink regime) | decode speed / own plain cache @ cache size |",
              "|---|---:|---:|---:|---|---|"]
     for peer in PEERS:
         data = results.get(peer)
@@ -160,12 +178,13 @@ def table(results: dict[str, dict[str, Any]], inputs: dict[str, Any] | None) -> 
                          f"{_short(data.get('error', ''))} | | | | |")
             continue
         lines.append(f"| {LABELS[peer]} ({_versions(data)}) | {_ppl(data, 'sink')} | {_ppl(data, 'window')} | "
-                     f"{_ppl(data, 'dense')} | {_attends(data)} | {_speed(data)} |")
+                     f"{_dense(data, reference)} | {_attends(data)} | {_speed(data)} |")
     long_rows = [(peer, results[peer]) for peer in PEERS if peer in results and
                  ("long" in results[peer] or "long" in results[peer].get("errors", {}))]
-    out = "\n".join(lines)
-    if n:
-        out += f"\n\n{n:,} tokens scored per regime (dense: {dense_n:,}), one token per forward call."
+    out = "\n".join(lines) + "\n\nOne token per forward call. Window regime, observed:"
+    for peer in PEERS:
+        if (results.get(peer, {}).get("regimes", {}).get("window") or {}).get("attention"):
+            out += f"\n* {LABELS[peer]}: {_attends(results[peer], 'window')}"
     if long_rows:
         first = next((d["long"] for _, d in long_rows if "long" in d), None)
         head = (f"\n\nLong stream, sink regime, {first['tokens']:,} tokens fed {first['chunk']} per call (past the "

@@ -82,11 +82,12 @@ def main() -> int:
     """Build the venv if needed, then run the protocol."""
     args = common.parser(__doc__.split("\n\n")[0]).parse_args()
     common.ensure_venv(NAME, REQUIREMENTS, args.output)
-    import kvpress
+    from importlib.metadata import version
+
     import torch
     import transformers
 
-    versions = {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
+    versions = {"kvpress": version("kvpress"), "transformers": transformers.__version__,
                 "torch": torch.__version__}
     notes = ["configured as DecodingPress(base_press=StreamingLLMPress(n_sink=4), compression_interval=1, "
              "target_size=128); window: n_sink=0; absolute position_ids, as kvpress's pipeline passes them"]

@@ -76,7 +76,8 @@ from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
-SINKS_AHEAD = 8  # the rotation table (and the positions of one-token calls) are made for this many steps at once
+POSITIONS_AHEAD = 8  # the positions of one-token calls are made for this many steps at once
+TABLE_STEPS = 8  # the sinks' rotation table serves this many steps, then is rebuilt (a few kernels)
 
 
 class NotEnabledError(RuntimeError):
@@ -584,7 +585,7 @@ class SinkCache(Cache):
         self.ring: tuple[int, int] | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
-        # the positions of the next one-token calls: the first's, a [1, SINKS_AHEAD] arange, its views (see _arange)
+        # the positions of the next one-token calls: the first's, a [1, POSITIONS_AHEAD] arange, its views (see _arange)
         self._next_positions: tuple[int, torch.Tensor | None, tuple[torch.Tensor, ...]] = (-1, None, ())
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
         self._grouped = False
@@ -801,14 +802,14 @@ class SinkCache(Cache):
 
     def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         """``torch.arange(start, stop)[None]`` on ``device``. The positions of one-token calls are views of a small
-        table made for ``SINKS_AHEAD`` consecutive calls at once: no tensor is built (and on a GPU, copied) per
+        table made for ``POSITIONS_AHEAD`` consecutive calls at once: no tensor is built (and on a GPU, copied) per
         step."""
         if stop - start > 1:
             return torch.arange(start, stop, device=device)[None]
         first, table, views = self._next_positions
-        if table is None or table.device != device or not 0 <= start - first < SINKS_AHEAD:
-            table = torch.arange(start, start + SINKS_AHEAD, device=device)[None]
-            views = () if self.static_shapes else table.view(SINKS_AHEAD, 1, 1).unbind(0)
+        if table is None or table.device != device or not 0 <= start - first < POSITIONS_AHEAD:
+            table = torch.arange(start, start + POSITIONS_AHEAD, device=device)[None]
+            views = () if self.static_shapes else table.view(POSITIONS_AHEAD, 1, 1).unbind(0)
             first, _, _ = self._next_positions = start, table, views
         if self.static_shapes:  # views made by unbind slow a compiled step down (measured)
             return table.narrow(1, start - first, 1)
@@ -853,12 +854,12 @@ class SinkCache(Cache):
         """The table of sink rotations for one frequency set, built on first use.
 
         Sinks sit at positions ``region_start - offset + j``, one further every step: a table of
-        ``num_sink_tokens + SINKS_AHEAD - 1`` rows serves ``SINKS_AHEAD`` steps.
+        ``num_sink_tokens + TABLE_STEPS - 1`` rows serves ``TABLE_STEPS`` steps.
         """
         key = (id(inv_freq), inv_freq.device, head_dim)
         entry = self._tables.get(key)
         if entry is None or entry[0] is not inv_freq:  # a copied cache's keys name objects of the original
-            table = RotationTable(inv_freq, head_dim, self.num_sink_tokens, SINKS_AHEAD)
+            table = RotationTable(inv_freq, head_dim, self.num_sink_tokens, TABLE_STEPS)
             entry = self._tables[key] = inv_freq, table
         return entry[1]
 

@@ -136,7 +136,51 @@ def _receive(layer: SinkLayer | SlidingLayer, key_states: torch.Tensor,
     return plan, key_states, value_states
 
 
-class SinkLayer(CacheLayerMixin):
+class StreamLayer(CacheLayerMixin):
+    """What every layer kind of a ``SinkCache`` shares: the layers serve one stream, so its length, resets and the
+    batch's row selection belong to the cache, and nothing can be cropped."""
+
+    is_compileable = False  # see SinkCache.is_compileable
+    is_croppable = False
+
+    def __init__(self, parent: SinkCache, layer_idx: int):
+        super().__init__()
+        self.parent, self.layer_idx = parent, layer_idx
+        self.pending = False  # begin_step sets it; update clears it: a layer still pending missed a step
+
+    def get_seq_length(self) -> int:
+        return self.parent.seen
+
+    def get_max_length(self) -> int:
+        return -1  # the stream is unbounded; what is kept is bounded by window_length
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.13
+        return -1
+
+    def reset(self) -> None:
+        """Reset the whole cache (``SinkCache.reset``): the layers share one stream (its plan, groups and positions),
+        so a layer cannot forget it alone. transformers' ``Cache.reset`` calls this for every layer; a layer that a
+        reset has already replaced (no longer in its cache) has nothing left to forget."""
+        if any(layer is self for layer in self.parent.layers):
+            self.parent.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        pass  # rows are selected for all layers at once by SinkCache
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        pass  # as reorder_cache
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass  # as reorder_cache
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "SinkCache cannot be cropped: evicted tokens are gone, so it cannot roll back. Assisted/speculative "
+            "decoding and other callers of crop() need a DynamicCache."
+        )
+
+
+class SinkLayer(StreamLayer):
     """One decoder layer: stores each step's new keys/values and returns the keys/values the step attends to.
 
     It holds no policy: it applies the ``StepPlan`` of its parent ``SinkCache``. After the first step its storage
@@ -145,8 +189,6 @@ class SinkLayer(CacheLayerMixin):
     ``keys`` and ``values`` are views of it.
     """
 
-    is_compileable = False  # see SinkCache.is_compileable
-    is_croppable = False
     is_sliding = False
     # set by lazy_initialization, before any use (the base class declares them Optional)
     kv: torch.Tensor
@@ -158,10 +200,7 @@ class SinkLayer(CacheLayerMixin):
     table: RotationTable
 
     def __init__(self, parent: SinkCache, layer_idx: int):
-        super().__init__()
-        self.parent = parent
-        self.layer_idx = layer_idx
-        self.pending = False  # begin_step sets it; update clears it: a layer still pending missed a step
+        super().__init__(parent, layer_idx)
         self.group: LayerGroup | None = None
         self.attending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's views, from the group
 
@@ -220,37 +259,6 @@ class SinkLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.parent.mask_sizes()
 
-    def get_seq_length(self) -> int:
-        return self.parent.seen
-
-    def get_max_length(self) -> int:
-        return -1  # the stream is unbounded; what is kept is bounded by window_length
-
-    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.13
-        return -1
-
-    def reset(self) -> None:
-        """Reset the whole cache (``SinkCache.reset``): the layers share one stream (its plan, groups and positions),
-        so a layer cannot forget it alone. transformers' ``Cache.reset`` calls this for every layer; a layer that a
-        reset has already replaced (no longer in its cache) has nothing left to forget."""
-        if any(layer is self for layer in self.parent.layers):
-            self.parent.reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        pass  # rows are selected for all layers at once by SinkCache
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        pass  # as reorder_cache
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        pass  # as reorder_cache
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "SinkCache cannot be cropped: evicted tokens are gone, so it cannot roll back. Assisted/speculative "
-            "decoding and other callers of crop() need a DynamicCache."
-        )
-
 
 class StaticSinkLayer(SinkLayer):
     """``SinkLayer`` with static shapes (``SinkCache(static_shapes=True)``): the same layout and positions, but every
@@ -272,7 +280,7 @@ class StaticSinkLayer(SinkLayer):
         return self.kv[0, ..., : self.key_dim], self.kv[1, ..., : self.value_dim]
 
 
-class SlidingLayer(CacheLayerMixin):
+class SlidingLayer(StreamLayer):
     """A sliding-window layer whose window cannot reach a sink: it keeps only its last ``sliding_window - 1`` tokens.
 
     With window ``w`` (the query included) and ``w - 1 <= window_length - num_sink_tokens``, every key such a layer
@@ -289,16 +297,13 @@ class SlidingLayer(CacheLayerMixin):
     """
 
     is_sliding = True
-    is_compileable = False
-    is_croppable = False
     keys: torch.Tensor  # set by lazy_initialization (the base class declares them Optional)
     values: torch.Tensor
     inv_freq: torch.Tensor
 
     def __init__(self, parent: SinkCache, layer_idx: int, sliding_window: int):
-        super().__init__()
-        self.parent, self.layer_idx, self.sliding_window = parent, layer_idx, sliding_window
-        self.pending = False  # as SinkLayer's
+        super().__init__(parent, layer_idx)
+        self.sliding_window = sliding_window
         self.ring = False  # stored as a ring (else the last w - 1 tokens in stream order)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -366,31 +371,6 @@ class SlidingLayer(CacheLayerMixin):
         assert plan is not None
         kept = min(plan.start, self.sliding_window - 1)
         return kept + plan.num_new, plan.start - kept - plan.base
-
-    def get_seq_length(self) -> int:
-        return self.parent.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.13
-        return -1
-
-    def reset(self) -> None:  # see SinkLayer.reset
-        if any(layer is self for layer in self.parent.layers):
-            self.parent.reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        pass  # rows are selected for all layers at once by SinkCache
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        pass
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        pass
-
-    def crop(self, tokens_to_remove: int) -> None:
-        SinkLayer.crop(self, tokens_to_remove)  # type: ignore[arg-type]  # the same refusal
 
 
 class LayerGroup:
@@ -958,7 +938,7 @@ class SinkCache(Cache):
             self._select_rows(torch.arange(self.first_real.shape[0]).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        SinkLayer.crop(self, tokens_to_remove)  # type: ignore[arg-type]  # the same refusal
+        StreamLayer.crop(self, tokens_to_remove)  # type: ignore[arg-type]  # the same refusal
 
     @property
     def is_compileable(self) -> bool:

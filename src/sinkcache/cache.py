@@ -386,8 +386,8 @@ class LayerGroup:
     views of one shared tensor would copy all of it (AOTAutograd's handling of aliased inputs it mutates).
     """
 
-    def __init__(self, layers: list[SinkLayer], shared: bool):
-        self.layers = layers
+    def __init__(self, layers: list[SinkLayer], shared: bool, moving: bool):
+        self.layers, self.moving = layers, moving
         first = layers[0]
         self.table, self.inv_freq, self.dtype = first.table, first.inv_freq, first.dtype
         self.key_dim, self.value_dim = first.key_dim, first.value_dim
@@ -398,17 +398,26 @@ class LayerGroup:
                   torch.stack([layer.sink_values for layer in layers]))
 
     def _set(self, units: list[torch.Tensor], sink_keys: torch.Tensor, sink_values: torch.Tensor,
-             swapped: torch.Tensor | None = None) -> None:
+             swapped: torch.Tensor | None = None, placed: torch.Tensor | None = None) -> None:
         self.units, self.sink_keys, self.sink_values = units, sink_keys, sink_values
         if swapped is None:
-            # the sinks' keys with their rotary halves swapped, allocated here so that the cache's size is fixed
-            # from the group's first step (SinkCache.nbytes); written when the sinks changed
+            # Allocated here so that the cache's size is fixed from the group's first step (SinkCache.nbytes), and
+            # written when the sinks changed: the sinks' keys with their rotary halves swapped and, where the sinks
+            # move every step (``moving``: the cache does not roll in place), this step's sinks (keys and values,
+            # rows laid out as in the units), copied into each unit with one copy.
             swapped = torch.empty_like(sink_keys)
+            shape = (2 * len(self.layers), *units[0].shape[1:3], sink_keys.shape[-2], units[0].shape[-1])
+            placed = units[0].new_zeros(shape) if self.moving else None
             self.sinks_changed = True
-        self.swapped = swapped
+        self.swapped, self.placed = swapped, placed
+        self.placed_keys = None if placed is None else placed[0::2, ..., : self.key_dim]
+        # per unit, the sinks' keys, swapped keys and values of its layers
+        layers = [slice(rows.start // 2, rows.stop // 2) for rows in self.rows]
+        self.sources = [(sink_keys[g], swapped[g], sink_values[g]) for g in layers]
         self.attended: tuple[int, int] | None = None  # the slots of the layers' current views (see attend)
         # where write_sinks wrote last, and per unit the views it writes through (see _sink_slots)
-        self.sink_slots: tuple[int, list[tuple[torch.Tensor, ...]]] = (-1, [])
+        self.sink_slots: tuple[int, list[torch.Tensor]] = (-1, [])
+        self.slot_views: list[tuple[torch.Tensor, torch.Tensor]] = []  # keys and values of those, when rolling
         self.values_at = -1  # the buffer index where the sinks' values were last written (they stay while rolling)
         for g, layer in enumerate(self.layers):
             layer.group = self
@@ -430,36 +439,41 @@ class LayerGroup:
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
         """Put the sinks in buffer slots ``at ..`` at positions ``row ..``; only in ``full_rows`` if given.
 
-        The keys are rotated from their unrotated float32 copy (one rounding, however long the stream). The values
-        are copied only where the previous step did not leave them: rolling in place keeps the sinks' slots.
+        The keys are rotated from their unrotated float32 copy (one rounding, however long the stream), for all of
+        the group's layers at once. Rolling in place, they are rotated straight into the sinks' slots, which keep
+        the values; otherwise into ``placed``, copied into each unit with its values.
         """
         if self.sinks_changed:
             self.swapped.copy_(self.table.swap_halves(self.sink_keys))
+            if self.placed is not None:
+                self.placed[1::2, ..., : self.value_dim] = self.sink_values
             self.sinks_changed = False
-        if full_rows is None:  # the common case
-            for keys, values, sink_keys, swapped, sink_values in self._sink_slots(at):
+        if full_rows is not None:  # some rows are not full yet: there, these slots hold their own tokens
+            full = full_rows.to(self.sink_keys.device)[None, :, None, None, None]
+            rotated = self.table.rotate(self.sink_keys, row, self.swapped)
+            for slot, rows, (_, _, sink_values) in zip(self._sink_slots(at), self.rows, self.sources):
+                keys, values = slot[0::2, ..., : self.key_dim], slot[1::2, ..., : self.value_dim]
+                keys.copy_(torch.where(full, rotated[rows.start // 2 : rows.stop // 2], keys))
+                values.copy_(torch.where(full, sink_values, values))
+            self.values_at = -1
+        elif self.placed is not None:
+            self.table.rotate(self.sink_keys, row, self.swapped, out=self.placed_keys)
+            for slot, rows in zip(self._sink_slots(at), self.rows):
+                slot.copy_(self.placed[rows])
+        else:  # rolling in place: the slots stay, and so do the views of their keys and values
+            if self.values_at != at:
+                self.slot_views = [(slot[0::2, ..., : self.key_dim], slot[1::2, ..., : self.value_dim])
+                                   for slot in self._sink_slots(at)]
+            for (keys, values), (sink_keys, swapped, sink_values) in zip(self.slot_views, self.sources):
                 self.table.rotate(sink_keys, row, swapped, out=keys)
                 if self.values_at != at:
                     values.copy_(sink_values)
             self.values_at = at
-            return
-        full = full_rows.to(self.sink_keys.device)[None, :, None, None, None]
-        for keys, values, sink_keys, swapped, sink_values in self._sink_slots(at):
-            keys.copy_(torch.where(full, self.table.rotate(sink_keys, row, swapped), keys))
-            values.copy_(torch.where(full, sink_values, values))
-        self.values_at = -1  # the rows that are not full hold window tokens there
 
-    def _sink_slots(self, at: int) -> list[tuple[torch.Tensor, ...]]:
-        """Per unit, views of the sinks' key and value slots from buffer index ``at``, and the sinks' keys, swapped
-        keys and values of the unit's layers; kept while ``at`` stays (rolling in place)."""
+    def _sink_slots(self, at: int) -> list[torch.Tensor]:
+        """Every unit's view of the sinks' slots from buffer index ``at``; kept while ``at`` stays (rolling)."""
         if self.sink_slots[0] != at:
-            sinks, views = self.sink_keys.shape[-2], list[tuple[torch.Tensor, ...]]()
-            for unit, rows in zip(self.units, self.rows):
-                slots = unit.narrow(3, at, sinks)
-                layers = slice(rows.start // 2, rows.stop // 2)
-                views.append((slots[0::2, ..., : self.key_dim], slots[1::2, ..., : self.value_dim],
-                              self.sink_keys[layers], self.swapped[layers], self.sink_values[layers]))
-            self.sink_slots = at, views
+            self.sink_slots = at, [unit.narrow(3, at, self.sink_keys.shape[-2]) for unit in self.units]
         return self.sink_slots[1]
 
     def unroll(self, start: int, length: int, shift: int) -> None:
@@ -481,7 +495,7 @@ class LayerGroup:
         for unit in self.units:
             units.append(unit.new_zeros(*unit.shape[:-2], capacity, unit.shape[-1]))
             units[-1][..., :live, :] = unit[..., src, :]
-        self._set(units, self.sink_keys, self.sink_values, self.swapped)
+        self._set(units, self.sink_keys, self.sink_values, self.swapped, self.placed)
 
     def rebase(self, live: slice, shift: int) -> None:
         """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
@@ -709,7 +723,9 @@ class SinkCache(Cache):
         groups form, and the cached views (attended slices, sinks' slots, positions, rotation runs)."""
         for group in self.groups:
             swapped, changed = own(group.swapped), group.sinks_changed
-            group._set([own(unit) for unit in group.units], own(group.sink_keys), own(group.sink_values), swapped)
+            placed = None if group.placed is None else own(group.placed)
+            group._set([own(unit) for unit in group.units], own(group.sink_keys), own(group.sink_values), swapped,
+                       placed)
             group.sinks_changed = changed
         for layer in self.layers:
             if isinstance(layer, SlidingLayer):
@@ -740,7 +756,8 @@ class SinkCache(Cache):
             for layer in self.layers:
                 if isinstance(layer, SinkLayer) and layer.is_initialized:
                     by_signature.setdefault(layer.signature(), []).append(layer)
-            self.groups = [LayerGroup(layers, shared=not self.static_shapes) for layers in by_signature.values()]
+            self.groups = [LayerGroup(layers, shared=not self.static_shapes, moving=not self.rolls_in_place)
+                           for layers in by_signature.values()]
             self._grouped = True
         return self.groups
 
@@ -905,7 +922,8 @@ class SinkCache(Cache):
         """Bytes of every tensor the cache holds (buffers, the sinks' copies and swapped halves, the sliding layers'
         tokens, rotation and position tables), each storage counted once."""
         tensors = [t for group in self.groups
-                   for t in (*group.units, group.sink_keys, group.sink_values, group.swapped)]
+                   for t in (*group.units, group.sink_keys, group.sink_values, group.swapped, group.placed)
+                   if t is not None]
         for layer in self.layers:
             if isinstance(layer, SlidingLayer):
                 tensors += [layer.keys, layer.values] if layer.is_initialized else []

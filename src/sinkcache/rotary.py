@@ -60,8 +60,9 @@ class RotationTable:
     pass-through dimensions get cos 1, sin 0.
 
     The sinks' positions move on by one per step, so the table holds ``count + ahead - 1`` rows from ``first``: the
-    rows of ``ahead`` consecutive steps. It is rebuilt (angles in float64, as ``rotation``) when a step needs
-    positions outside them: every ``ahead`` steps, a few small kernels. Its size does not grow with the cache.
+    rows of ``ahead`` consecutive steps, whose views are made with it. It is rebuilt (angles in float64, as
+    ``rotation``) when a step needs positions outside them: every ``ahead`` steps, a few small kernels. Its size
+    does not grow with the cache.
     """
 
     def __init__(self, inv_freq: torch.Tensor, head_dim: int, count: int, ahead: int):
@@ -77,14 +78,14 @@ class RotationTable:
         self.cos = torch.cat((cos, cos, cos.new_ones(size, rest)), dim=-1)
         self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
         self.first = first
+        # the rows of each of the `ahead` steps: overlapping windows of the table, views made by one unbind each
+        self.runs = tuple(zip(*(t.unfold(0, self.count, 1).transpose(1, 2).unbind(0) for t in (self.cos, self.sin))))
 
     def rows(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``[count, head_dim]`` float32, for the positions ``first .. first + count - 1``."""
-        start = first - self.first
-        if not 0 <= start < self.ahead:
+        if not 0 <= first - self.first < self.ahead:
             self._build(first)
-            start = 0
-        return self.cos[start : start + self.count], self.sin[start : start + self.count]
+        return self.runs[first - self.first]
 
     def swap_halves(self, keys: torch.Tensor) -> torch.Tensor:
         """``keys[..., partner]``: the rotary halves swapped, which the rotation multiplies by the sines."""

@@ -105,19 +105,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        machine.reset_peak()
-
-
-def peak_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return machine.status_bytes("VmHWM")
-
-
 def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -422,11 +409,12 @@ def memory_block(model: torch.nn.Module, way: Way, window: int, batch: int, ids:
         decoder.call(ids[:, window + t : window + t + 1])
     synchronize(device)
     warm_s = time.perf_counter() - began
-    reset_peak(device)
+    machine.reset_peak_memory(device)
     for t in range(8):
         decoder.call(ids[:, window + warmup + t : window + warmup + t + 1])
     synchronize(device)
-    result = {"decode_peak_bytes": peak_bytes(device), "cache_bytes": decoder.cache_bytes(), "warmup_s": warm_s}
+    result = {"decode_peak_bytes": machine.peak_memory(device), "cache_bytes": decoder.cache_bytes(),
+              "warmup_s": warm_s}
     del decoder
     release(device)
     return result

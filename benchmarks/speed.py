@@ -64,22 +64,6 @@ def process_memory() -> tuple[int | None, int | None]:
     return machine.status_bytes("VmRSS"), machine.status_bytes("VmHWM")
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Restart the peak-memory counter (CUDA allocator, or the kernel's VmHWM; where that cannot be reset the CPU
-    peak stays the process' lifetime peak, which can only hide growth, never invent it)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        machine.reset_peak()
-
-
-def peak_memory(device: torch.device) -> int | None:
-    """Peak bytes since ``reset_peak_memory``: allocated tensors on CUDA, resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return process_memory()[1]
-
-
 def cache_bytes(cache: Any) -> int:
     """Bytes of every tensor storage a cache holds (each storage counted once): ``SinkCache.nbytes``, or for a
     transformers cache what its layers hold."""
@@ -228,12 +212,12 @@ def decode_comparison(model: torch.nn.Module, name: str, window: int, settings: 
     memory = {"sink_cache_bytes": cache_bytes(sink), "dynamic_cache_bytes": cache_bytes(dynamic)}
     if device.type == "cuda":  # peak allocated during a short separate block per method (interleaving mixes peaks)
         for method, step in (("sink", sink_step), ("dynamic", dynamic_step)):
-            reset_peak_memory(device)
+            machine.reset_peak_memory(device)
             for _ in range(8):
                 step(ids.ids[:, -1:])
                 if method == "dynamic":
                     dynamic.crop(-1)
-            memory[f"{method}_peak_allocated_bytes"] = peak_memory(device)
+            memory[f"{method}_peak_allocated_bytes"] = machine.peak_memory(device)
     return {
         "model": name, "window_length": window, "num_sink_tokens": SINKS, "runs": settings.runs,
         "tokens_per_run": settings.tokens, "recompute_forwards_per_run": settings.recompute,
@@ -275,7 +259,7 @@ def stream_latency(model: torch.nn.Module, settings: StreamSettings, device: tor
     ids = Stream(model.config.vocab_size, settings.tokens + settings.runs * settings.paired_tokens, device, seed=1)
     cache = SinkCache(settings.window, SINKS)
     curve, block, early_snapshot = [], [], None
-    reset_peak_memory(device)
+    machine.reset_peak_memory(device)
     peak_at_memory_from = None
     start = time.perf_counter()
     for t in range(1, settings.tokens + 1):
@@ -284,13 +268,13 @@ def stream_latency(model: torch.nn.Module, settings: StreamSettings, device: tor
         if t == settings.early:
             early_snapshot = copy.deepcopy(cache)  # a cache exactly as it is after `early` tokens
         if t == settings.memory_from:
-            peak_at_memory_from = peak_memory(device)
+            peak_at_memory_from = machine.peak_memory(device)
         if t % settings.block == 0:
             curve.append(curve_point(t, block, cache, device))
             block = []
         if t % 10_000 == 0:
             print(f"  stream: {t} tokens, {time.perf_counter() - start:.0f} s", flush=True)
-    peak_at_end = peak_memory(device)
+    peak_at_end = machine.peak_memory(device)
     assert early_snapshot is not None
     runs = []
     for run in range(settings.runs):

@@ -57,3 +57,19 @@ def reset_peak() -> bool:
     except OSError:
         return False
     return True
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the peak-memory counter of ``device``: the CUDA allocator's, or the kernel's ``VmHWM`` (where that
+    cannot be reset the CPU peak stays the process' lifetime peak, which can only hide growth, never invent it)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak()
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak bytes since ``reset_peak_memory``: allocated tensors on CUDA, resident memory (``VmHWM``) on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return status_bytes("VmHWM")

@@ -9,8 +9,9 @@ past its window and with a DynamicCache holding ``W`` tokens (cropped back after
 step by step. Three parts are timed with ``time.perf_counter`` wrappers (each adds well under a microsecond):
 
 * the whole forward call;
-* SinkCache's planning hook (``sinkcache.patch._positions_for_step``: the mask check, ``begin_step`` with the copy of
-  every layer's sinks, positions; past the window the cache rolls in place, so the layers' views stay the same);
+* SinkCache's planning hook (``sinkcache.patch._positions_for_step``: the mask check, ``begin_step`` with the
+  rotation of every layer's sinks, the positions and write index; past the window the cache rolls in place, so the
+  layers' views stay the same);
 * the cache's per-layer ``update`` (``SinkLayer.update`` / ``DynamicLayer.update``), summed over the layers.
 
 Medians per step are printed; the rest of the difference (attention over a view, mask creation) is what is left.

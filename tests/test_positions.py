@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -144,6 +146,68 @@ def test_rolls_in_place_unless_a_local_window_is_shorter(arch, local_window, rol
     assert all(layer.keys.shape[-2] == local_window for layer in own)  # a ring of w slots after one-token calls
     want = oracle_logits(model, tokens, contract_visible(chunks, WINDOW, SINKS), SINKS)
     assert (torch.cat(out) - want).abs().max().item() < TOLERANCE
+
+
+def steady_and_general_run(model, monkeypatch, general: bool) -> tuple[torch.Tensor, SinkCache, int]:
+    """A two-row stream with chunks, a beam reorder, a copy of the cache and a switch out of inference mode, on
+    the decode steady state's own path (``SinkCache._roll_one``) or with it switched off; returns the logits, the
+    cache and how many steps took the steady path."""
+    taken = 0
+    real_roll, real_steady = SinkCache._roll_one, SinkCache._steady
+
+    def counted(self, *args):
+        nonlocal taken
+        taken += 1
+        return real_roll(self, *args)
+
+    monkeypatch.setattr(SinkCache, "_roll_one", counted)
+    monkeypatch.setattr(SinkCache, "_steady", (lambda self, *args: False) if general else real_steady)
+    enable_streaming(model, WINDOW, SINKS)
+    chunks = [20] + [1] * 45 + [3] + [1] * 40
+    torch.manual_seed(5)
+    tokens = torch.randint(3, model.config.vocab_size, (2, sum(chunks)))
+    cache, out, start = SinkCache(WINDOW, SINKS), [], 0
+    for step, n in enumerate(chunks):
+        with torch.inference_mode(step < 30), torch.no_grad():
+            out.append(model(input_ids=tokens[:, start : start + n], **{CACHE_KWARG: cache}).logits)
+        start += n
+        if step == 35:
+            cache.reorder_cache(torch.tensor([1, 0]))
+        if step == 50:
+            cache = copy.deepcopy(cache)
+    monkeypatch.setattr(SinkCache, "_roll_one", real_roll)
+    monkeypatch.setattr(SinkCache, "_steady", real_steady)
+    return torch.cat(out, dim=1), cache, taken
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3"])
+def test_steady_state_path_equals_the_general_one(arch, monkeypatch):
+    """The decode steady state (one token, rolling in place) has a short path of its own; it must give exactly what
+    the general path of ``begin_step`` gives: the same logits and the same stored keys and values, bit for bit,
+    across re-bases, a chunk that unrolls the ring, a beam reorder, a deep copy and leaving inference mode. A
+    steady path that did not move the sinks is caught."""
+    model = tiny_model(arch, "eager" if arch == "gemma2" else "sdpa")
+    steady, steady_cache, taken = steady_and_general_run(model, monkeypatch, general=False)
+    general, general_cache, none = steady_and_general_run(model, monkeypatch, general=True)
+    assert taken > 50 and none == 0
+    assert torch.equal(steady, general)
+    for mine, theirs in zip(steady_cache.groups + steady_cache.sliding_layers,
+                            general_cache.groups + general_cache.sliding_layers, strict=True):
+        for a, b in zip(mine.units if hasattr(mine, "units") else (mine.keys, mine.values),
+                        theirs.units if hasattr(theirs, "units") else (theirs.keys, theirs.values), strict=True):
+            assert torch.equal(a, b)
+    real_roll = SinkCache._roll_one
+
+    def frozen_sinks(self, *args):  # a steady path that forgets to move the sinks
+        groups, self.groups = self.groups, []
+        try:
+            return real_roll(self, *args)
+        finally:
+            self.groups = groups
+
+    monkeypatch.setattr(SinkCache, "_roll_one", frozen_sinks)
+    frozen, _, _ = steady_and_general_run(model, monkeypatch, general=False)
+    assert not torch.allclose(frozen, general, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["views", "static"])

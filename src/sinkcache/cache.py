@@ -29,7 +29,8 @@ transformers apply unchanged (slot distance == in-cache distance).
   life. Per one-token step the work is O(sinks + 1) per layer.
 * After the first step, ``SinkLayer`` s with the same storage shapes form a ``LayerGroup`` whose buffers are one
   tensor: ``begin_step`` then rotates every layer's sinks with two kernels and makes every layer's views with two
-  operations, and a layer's ``update`` only writes the new keys and values.
+  operations, and a layer's ``update`` only writes the new keys and values (one ``index_copy_`` each, through an
+  index that ``begin_step`` made once for all layers).
 
 Rolling in place
 ----------------
@@ -38,7 +39,7 @@ Once every row's stream is longer than the window, one-token calls stop moving t
 after the previous call (a ring). The attended tokens are then no longer in stream order, which attention without a
 mask cannot tell: each key carries its position in its rotation, and the sum over keys does not depend on their
 order. The layers' views and the sinks' slots are then the same at every step, so a step creates no views and
-writes the sinks' keys only. A chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts
+writes the sinks' keys only; this decode steady state has a short path of its own (``SinkCache._roll_one``). A chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts
 slot distances), and a model with a ``SinkLayer`` whose sliding or chunked attention window is shorter than
 ``window_length + 1`` never rolls in place, for the same reason; its buffer then keeps ``slack`` spare slots, so
 that compaction happens once every ``slack`` tokens. Neither do static shapes: their mask follows stream order. A
@@ -77,7 +78,7 @@ from .rotary import RopeSpec, RotationTable, rotate
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
 POSITIONS_AHEAD = 8  # the positions of one-token calls are made for this many steps at once
-TABLE_STEPS = 8  # the sinks' rotation table serves this many steps, then is rebuilt (a few kernels)
+TABLE_STEPS = 8  # the sinks' rotation table serves this many steps, then is rewritten (six small kernels)
 
 
 class NotEnabledError(RuntimeError):
@@ -97,12 +98,40 @@ class StepPlan:
     region_start: int  # first slot attended to: the sinks of full rows start here
     base: int  # absolute slot of buffer index 0
     capacity: int  # buffer slots
-    write_at: slice | torch.Tensor  # buffer indices of the new tokens: an index tensor with static shapes
+    write_at: torch.Tensor  # buffer indices of the new tokens, [num_new] long
     attend: slice  # the buffer indices this step attends to (everything, with static shapes)
     new_mask: torch.Tensor | None  # [batch, num_new] bool validity of the new tokens; None when all valid
     capture: tuple[torch.Tensor, ...] | None  # new tokens that are sinks: row, sink index, column, position
     query_offset: int | torch.Tensor  # the causal mask's index of the first new token (see mask_sizes)
     real_from: int  # every row holds real tokens from this slot on (a huge number while a row has none)
+
+
+class Consecutive:
+    """``torch.arange(start, start + n)`` on a device, for ``n`` tokens from ``start``, ``[1, n]`` (position ids) or
+    ``[n]`` (an index). For one token the result is a view of a small table made for ``POSITIONS_AHEAD`` consecutive
+    starts at once (views made by one unbind): a decode step builds no tensor (and on a GPU, copies none).
+
+    With ``narrow`` the views are made per call instead: views made by unbind slow a compiled step down (measured).
+    """
+
+    def __init__(self, rows: bool, narrow: bool = False):
+        self.rows, self.narrow = rows, narrow
+        self.first, self.table, self.views = -1, None, ()
+
+    def __call__(self, start: int, n: int, device: torch.device) -> torch.Tensor:
+        if n > 1:
+            run = torch.arange(start, start + n, device=device)
+            return run[None] if self.rows else run
+        table = self.table
+        if table is None or table.device != device or not 0 <= start - self.first < POSITIONS_AHEAD:
+            table = torch.arange(start, start + POSITIONS_AHEAD, device=device)
+            table = self.table = table[None] if self.rows else table
+            shape = (POSITIONS_AHEAD, 1, 1) if self.rows else (POSITIONS_AHEAD, 1)
+            self.views = () if self.narrow else table.view(shape).unbind(0)
+            self.first = start
+        if self.narrow:
+            return table.narrow(-1, start - self.first, 1)
+        return self.views[start - self.first]
 
 
 def _receive(layer: SinkLayer | SlidingLayer, key_states: torch.Tensor,
@@ -111,20 +140,26 @@ def _receive(layer: SinkLayer | SlidingLayer, key_states: torch.Tensor,
     has not missed one, no gradients, the shapes the plan expects. Initialises the layer on its first step and
     returns the plan with the keys and values, padding columns zeroed (so that nothing, not even NaN, leaks from
     masked slots)."""
-    plan = layer.parent.plan
-    if not layer.is_initialized:  # a new layer (begin_step may have marked it: a reset keeps the layer count)
+    parent = layer.parent
+    plan = parent.plan
+    if not layer.is_initialized:  # a new layer (a reset keeps the layer count)
         if plan is None:
             raise NotEnabledError(NOT_ENABLED)
         if plan.start != 0:  # a layer first seen after the first step missed the stream's first tokens
             raise RuntimeError(INTERRUPTED)
-    elif not layer.pending:  # begin_step marks every layer: the hook did not run
+    elif not torch.compiler.is_compiling() and layer.step == parent.steps:
+        # the layer already stored this step's keys: the hook did not plan this call. (Not checked, nor recorded,
+        # inside a compiled step, which would specialise on the step number; the count below still is.)
         raise NotEnabledError(NOT_ENABLED)
     if key_states.requires_grad:  # the hook refuses this first; here for callers that plan steps themselves
         raise RuntimeError(GRAD_MODE)
     assert plan is not None
     if not layer.is_initialized:
         layer.lazy_initialization(key_states, value_states)
-    layer.pending = False
+        parent.ready += 1
+    if not torch.compiler.is_compiling():
+        layer.step = parent.steps
+    parent.received += 1
     if key_states.shape[0] != layer.batch or key_states.shape[-2] != plan.num_new:
         raise ValueError(
             f"SinkCache layer {layer.layer_idx} expected keys for batch {layer.batch} and "
@@ -146,7 +181,7 @@ class StreamLayer(CacheLayerMixin):
     def __init__(self, parent: SinkCache, layer_idx: int):
         super().__init__()
         self.parent, self.layer_idx = parent, layer_idx
-        self.pending = False  # begin_step sets it; update clears it: a layer still pending missed a step
+        self.step = -1  # the cache's step (SinkCache.steps) whose keys the layer stored last
 
     def get_seq_length(self) -> int:
         return self.parent.seen
@@ -241,8 +276,9 @@ class SinkLayer(StreamLayer):
         plan, key_states, value_states = _receive(self, key_states, value_states)
         if plan.capture is not None:
             self._capture_sinks(plan.capture, key_states, value_states)
-        self.keys[:, :, plan.write_at] = key_states
-        self.values[:, :, plan.write_at] = value_states
+        index = plan.write_at if plan.write_at.device == self.device else plan.write_at.to(self.device)
+        self.keys.index_copy_(2, index, key_states)  # one kernel each, where a slice assignment takes two
+        self.values.index_copy_(2, index, value_states)
         if self.attending is None:  # the first step, before the layers are grouped
             return self.keys[:, :, plan.attend], self.values[:, :, plan.attend]
         return self.attending
@@ -275,7 +311,6 @@ class StaticSinkLayer(SinkLayer):
             width = self.kv.shape[-1]
             key_states = F.pad(key_states, (0, width - self.key_dim))
             value_states = F.pad(value_states, (0, width - self.value_dim))
-        assert isinstance(plan.write_at, torch.Tensor)
         self.kv.index_copy_(3, plan.write_at, torch.stack((key_states, value_states)))
         return self.kv[0, ..., : self.key_dim], self.kv[1, ..., : self.value_dim]
 
@@ -575,12 +610,15 @@ class SinkCache(Cache):
         self.offset = 0
         self.plan: StepPlan | None = None
         self.stepping = False  # from begin_step until end_step: the model's forward of the planned step runs
+        # steps planned; layers initialized; layers that stored the current step's keys (all ready ones, once done)
+        self.steps = self.ready = self.received = 0
         # rolling in place: (buffer index of the region, stream slot of the token stored first in its ring)
         self.ring: tuple[int, int] | None = None
+        self._limit = 0  # positions stay below this in one-token calls (see the re-base in begin_step)
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
         # the positions of the next one-token calls: the first's, a [1, POSITIONS_AHEAD] arange, its views (see _arange)
-        self._next_positions: tuple[int, torch.Tensor | None, tuple[torch.Tensor, ...]] = (-1, None, ())
+        self._new_tables()
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
         self._grouped = False
 
@@ -613,14 +651,15 @@ class SinkCache(Cache):
             self._inference_tensors = True
         elif self._inference_tensors:
             self._leave_inference_mode()
-        for layer in self.layers:
-            if layer.pending and layer.is_initialized:
-                raise RuntimeError(INTERRUPTED)
+        if self.received != self.ready:  # a layer did not store the previous step's keys
+            raise RuntimeError(INTERRUPTED)
         n = num_new
         if n < 1:
             raise ValueError("SinkCache: a forward call must contain at least one token.")
         new_mask = self._track_rows(batch, n, new_mask)
         assert self.first_real is not None
+        if self._steady(n, new_mask):
+            return self._roll_one(batch, device)
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
         region_start = self.policy.region_start(t)  # full rows: sinks here, window [region_start + sinks, t)
 
@@ -651,6 +690,8 @@ class SinkCache(Cache):
                     "window_length or feed fewer tokens per call."
                 )
             limit = min(limit, rope.max_position)
+        if n == 1:
+            self._limit = limit  # for _roll_one
         shift = 0
         if t + n - self.offset > limit:
             shift, self.offset = region_start - self.offset, region_start
@@ -667,16 +708,15 @@ class SinkCache(Cache):
         # distances) would cut the region. The region stays at its current slots from now on.
         if self.ring is None and n == 1 and self._first_max < region_start and self.rolls_in_place:
             self.ring = lo, region_start + sinks
-        write_at: slice | torch.Tensor
         query_offset: int | torch.Tensor
         if self.static_shapes:
             write_at, attend = torch.arange(now, now + n, device=device), slice(None)
             query_offset = torch.tensor(now + 1, device=device)  # + 1: see mask_sizes
         else:
-            write_at, attend, query_offset = slice(now, now + n), slice(lo, now + n), now
-            if self.ring is not None:  # the new token takes the slot of the token evicted after the previous call
-                slot = lo + sinks + (t - self.ring[1]) % ring_size
-                write_at = slice(slot, slot + 1)
+            attend, query_offset = slice(lo, now + n), now
+            # the new token takes the slot of the token evicted after the previous call when rolling in place
+            first = now if self.ring is None else lo + sinks + (t - self.ring[1]) % ring_size
+            write_at = self._slots(first, n, device)
         self.plan = StepPlan(
             start=t, num_new=n, region_start=region_start, base=base, capacity=capacity, write_at=write_at,
             attend=attend, new_mask=new_mask, capture=capture, query_offset=query_offset, real_from=self._first_max,
@@ -697,11 +737,10 @@ class SinkCache(Cache):
                 group.attend(lo, now + n - lo)
         for layer in self.sliding_layers if shift else ():
             layer.rebase(shift)
-        for layer in self.layers:
-            layer.pending = True
+        self._planned()
         self.base, self.seen, self.stepping = base, t + n, True
 
-        position_ids = self._arange(t - self.offset, t + n - self.offset, device)
+        position_ids = self._positions(t - self.offset, n, device)
         if batch > 1:
             position_ids = position_ids.expand(batch, n).clone()
         if self.static_shapes:  # the whole buffer is attended: hide what lies outside the live region
@@ -710,6 +749,45 @@ class SinkCache(Cache):
         if self._first_max <= region_start:  # every attended slot holds a real token
             return position_ids, None
         return position_ids, torch.arange(base, t + n)[None, :] >= self.first_real[:, None]
+
+    def _steady(self, num_new: int, new_mask: torch.Tensor | None) -> bool:
+        """Whether the step is one ``_roll_one`` serves: one token, all real, while rolling in place, no re-base due."""
+        return self.ring is not None and num_new == 1 and new_mask is None and self.seen + 1 - self.offset <= self._limit
+
+    def _roll_one(self, batch: int, device: torch.device) -> tuple[torch.Tensor, None]:
+        """``begin_step`` for one real token per row while the cache rolls in place and no re-base is due: the
+        decode steady state, reduced to what changes from step to step (``tests/test_positions.py`` checks that it
+        gives what the general path gives, bit for bit).
+
+        Nothing is relocated (the ring keeps its ``window_length + 1`` slots from buffer index ``at``, which fit
+        since the step that formed it), no row gets sinks (every row is full) and the layers' views stay. The
+        region moves on by one slot: the new token takes the slot of the token evicted after the previous call, and
+        the sinks are rotated to their next positions.
+        """
+        assert self.ring is not None and self.plan is not None
+        t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
+        at, origin = self.ring
+        region_start = t - window  # policy.region_start for t > window_length
+        base = region_start - at
+        slot = at + sinks + (t - origin) % (window + 1 - sinks)
+        self.plan = StepPlan(
+            start=t, num_new=1, region_start=region_start, base=base, capacity=self.plan.capacity,
+            write_at=self._slots(slot, 1, device), attend=slice(at, at + window + 1), new_mask=None, capture=None,
+            query_offset=t - base, real_from=self._first_max,
+        )
+        for group in self.groups:
+            if sinks:
+                group.write_sinks(at, region_start - self.offset, None)
+            group.attend(at, window + 1)
+        self._planned()
+        self.base, self.seen, self.stepping = base, t + 1, True
+        position_ids = self._positions(t - self.offset, 1, device)
+        return (position_ids.expand(batch, 1).clone() if batch > 1 else position_ids), None
+
+    def _planned(self) -> None:
+        """A step is planned: every layer stores its keys once in it (see ``_receive``)."""
+        self.steps += 1
+        self.received = 0
 
     def _leave_inference_mode(self) -> None:
         """The stream goes on outside ``torch.inference_mode()``, where inference tensors cannot be updated in place:
@@ -737,8 +815,9 @@ class SinkCache(Cache):
                 layer.point_to(own(layer.kv), own(layer.sink_keys), own(layer.sink_values))
         for _, table in self._tables.values():
             table.partner = own(table.partner)
+            table.allocate()
             table._build(table.first)
-        self._next_positions = -1, None, ()
+        self._new_tables()
         if self.first_real is not None:
             self.first_real = own(self.first_real)
 
@@ -797,20 +876,10 @@ class SinkCache(Cache):
     def sliding_layers(self) -> list[SlidingLayer]:
         return [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
 
-    def _arange(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """``torch.arange(start, stop)[None]`` on ``device``. The positions of one-token calls are views of a small
-        table made for ``POSITIONS_AHEAD`` consecutive calls at once: no tensor is built (and on a GPU, copied) per
-        step."""
-        if stop - start > 1:
-            return torch.arange(start, stop, device=device)[None]
-        first, table, views = self._next_positions
-        if table is None or table.device != device or not 0 <= start - first < POSITIONS_AHEAD:
-            table = torch.arange(start, start + POSITIONS_AHEAD, device=device)[None]
-            views = () if self.static_shapes else table.view(POSITIONS_AHEAD, 1, 1).unbind(0)
-            first, _, _ = self._next_positions = start, table, views
-        if self.static_shapes:  # views made by unbind slow a compiled step down (measured)
-            return table.narrow(1, start - first, 1)
-        return views[start - first]
+    def _new_tables(self) -> None:
+        """Fresh tables of the one-token steps' position ids and write indices (see ``Consecutive``)."""
+        self._positions = Consecutive(rows=True, narrow=self.static_shapes)
+        self._slots = Consecutive(rows=False)
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record where each row's real tokens start (left padding); refuse padding after a real token.
@@ -929,8 +998,8 @@ class SinkCache(Cache):
                 tensors += [layer.keys, layer.values] if layer.is_initialized else []
             elif layer.is_initialized and layer.group is None:
                 tensors += [layer.kv, layer.sink_keys, layer.sink_values]
-        tensors += [t for _, table in self._tables.values() for t in (table.cos, table.sin, table.partner)]
-        tensors += [self._next_positions[1]] if self._next_positions[1] is not None else []
+        tensors += [t for _, table in self._tables.values() for t in table.tensors()]
+        tensors += [run.table for run in (self._positions, self._slots) if run.table is not None]
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def cached_length(self) -> int:

@@ -60,9 +60,9 @@ class RotationTable:
     pass-through dimensions get cos 1, sin 0.
 
     The sinks' positions move on by one per step, so the table holds ``count + ahead - 1`` rows from ``first``: the
-    rows of ``ahead`` consecutive steps, whose views are made with it. It is rebuilt (angles in float64, as
-    ``rotation``) when a step needs positions outside them: every ``ahead`` steps, a few small kernels. Its size
-    does not grow with the cache.
+    rows of ``ahead`` consecutive steps, whose views are made once. When a step needs positions outside them (every
+    ``ahead`` steps) the table is rewritten in place: the same angles as ``rotation`` (float64), in six small
+    kernels, and the views stay valid. Its size does not grow with the cache.
     """
 
     def __init__(self, inv_freq: torch.Tensor, head_dim: int, count: int, ahead: int):
@@ -70,16 +70,35 @@ class RotationTable:
         self.inv_freq, self.head_dim, self.count, self.ahead = inv_freq, head_dim, count, ahead
         self.partner = torch.cat((torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)))
         self.partner = self.partner.to(inv_freq.device)
+        self.allocate()
         self._build(0)  # the table has its size from the start (SinkCache.nbytes)
 
-    def _build(self, first: int) -> None:
-        size, rest = self.count + self.ahead - 1, self.head_dim - 2 * self.inv_freq.shape[-1]
-        cos, sin = rotation(torch.arange(first, first + size, device=self.inv_freq.device), self.inv_freq)
-        self.cos = torch.cat((cos, cos, cos.new_ones(size, rest)), dim=-1)
-        self.sin = torch.cat((-sin, sin, sin.new_zeros(size, rest)), dim=-1)
-        self.first = first
+    def allocate(self) -> None:
+        """(Re)make the table's tensors and their views; ``_build`` then fills them. Also what a copy of the cache
+        needs (views do not survive pickling) and what leaving ``torch.inference_mode()`` needs."""
+        size, half, device = self.count + self.ahead - 1, self.inv_freq.shape[-1], self.inv_freq.device
+        self.cos = torch.ones(size, self.head_dim, device=device)  # pass-through dimensions: cos 1, sin 0
+        self.sin = torch.zeros(size, self.head_dim, device=device)
+        # the two rotary halves of every row, written together: cos on both, -sin on the first and sin on the second
+        self._cos_halves = self.cos[:, : 2 * half].view(size, 2, half)
+        self._sin_halves = self.sin[:, : 2 * half].view(size, 2, half)
+        self._signs = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=device)
+        self._row_numbers = torch.arange(size, dtype=torch.float64, device=device)
+        self._inv_freq64 = self.inv_freq.to(torch.float64)
         # the rows of each of the `ahead` steps: overlapping windows of the table, views made by one unbind each
         self.runs = tuple(zip(*(t.unfold(0, self.count, 1).transpose(1, 2).unbind(0) for t in (self.cos, self.sin))))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the table holds (``SinkCache.nbytes``)."""
+        return self.cos, self.sin, self.partner, self._signs, self._row_numbers, self._inv_freq64
+
+    def _build(self, first: int) -> None:
+        """Rewrite the table for the positions ``first ..``: angles ``(first + row) * inv_freq`` in float64, as
+        ``rotation`` forms them (exact integers times the frequencies), rounded once to float32."""
+        angles = torch.outer(self._row_numbers.add(first), self._inv_freq64)
+        self._cos_halves.copy_(angles.cos()[:, None])
+        torch.mul(angles.sin()[:, None], self._signs, out=self._sin_halves)
+        self.first = first
 
     def rows(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``[count, head_dim]`` float32, for the positions ``first .. first + count - 1``."""

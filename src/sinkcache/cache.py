@@ -39,11 +39,12 @@ Once every row's stream is longer than the window, one-token calls stop moving t
 after the previous call (a ring). The attended tokens are then no longer in stream order, which attention without a
 mask cannot tell: each key carries its position in its rotation, and the sum over keys does not depend on their
 order. The layers' views and the sinks' slots are then the same at every step, so a step creates no views and
-writes the sinks' keys only; this decode steady state has a short path of its own (``SinkCache._roll_one``). A chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts
-slot distances), and a model with a ``SinkLayer`` whose sliding or chunked attention window is shorter than
-``window_length + 1`` never rolls in place, for the same reason; its buffer then keeps ``slack`` spare slots, so
-that compaction happens once every ``slack`` tokens. Neither do static shapes: their mask follows stream order. A
-``SlidingLayer`` rolls by itself in a ring of ``w`` slots (see its docstring).
+writes the sinks' keys only; this decode steady state has a short path of its own (``SinkCache._roll_one``). A
+chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts slot distances), and a model
+with a ``SinkLayer`` whose sliding or chunked attention window is shorter than ``window_length + 1`` never rolls
+in place, for the same reason; its buffer then keeps ``slack`` spare slots, so that compaction happens once every
+``slack`` tokens. Neither do static shapes: their mask follows stream order. A ``SlidingLayer`` rolls by itself in
+a ring of ``w`` slots (see its docstring).
 
 Batches may be left-padded: padding slots are masked and zeroed, never become sinks, and each row's sinks are its own
 first real tokens. Padding after a row's first real token is refused.
@@ -116,7 +117,9 @@ class Consecutive:
 
     def __init__(self, rows: bool, narrow: bool = False):
         self.rows, self.narrow = rows, narrow
-        self.first, self.table, self.views = -1, None, ()
+        self.first = -1
+        self.table: torch.Tensor | None = None
+        self.views: tuple[torch.Tensor, ...] = ()
 
     def __call__(self, start: int, n: int, device: torch.device) -> torch.Tensor:
         if n > 1:
@@ -752,7 +755,8 @@ class SinkCache(Cache):
 
     def _steady(self, num_new: int, new_mask: torch.Tensor | None) -> bool:
         """Whether the step is one ``_roll_one`` serves: one token, all real, while rolling in place, no re-base due."""
-        return self.ring is not None and num_new == 1 and new_mask is None and self.seen + 1 - self.offset <= self._limit
+        return (self.ring is not None and num_new == 1 and new_mask is None
+                and self.seen + 1 - self.offset <= self._limit)
 
     def _roll_one(self, batch: int, device: torch.device) -> tuple[torch.Tensor, None]:
         """``begin_step`` for one real token per row while the cache rolls in place and no re-base is due: the
@@ -999,7 +1003,7 @@ class SinkCache(Cache):
             elif layer.is_initialized and layer.group is None:
                 tensors += [layer.kv, layer.sink_keys, layer.sink_values]
         tensors += [t for _, table in self._tables.values() for t in table.tensors()]
-        tensors += [run.table for run in (self._positions, self._slots) if run.table is not None]
+        tensors += [table for table in (self._positions.table, self._slots.table) if table is not None]
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def cached_length(self) -> int:

@@ -233,3 +233,21 @@ def test_oracle_detects_wrong_positions(monkeypatch):
 
     monkeypatch.setattr(SinkCache, "begin_step", absolute_positions)
     assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("head_dim", [16, 20])  # 20: partial rotary, 4 pass-through dimensions
+def test_rotation_table_rewritten_in_place_equals_rotation(head_dim):
+    """The sinks' table is rewritten in place every few steps; its rows must be exactly ``rotation``'s cos/sin (and
+    cos 1, sin 0 on pass-through dimensions) at every position, and its pre-made views must follow the rewrite."""
+    from sinkcache.rotary import RotationTable, rotation
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    table, size, rest = RotationTable(inv_freq, head_dim, count=4, ahead=8), 11, head_dim - 16
+    for first in (0, 1000, 123_456, 7, 20):  # each outside the previous table: a rewrite
+        cos, sin = table.rows(first)
+        want_cos, want_sin = rotation(torch.arange(first, first + size), inv_freq)
+        assert torch.equal(table.cos, torch.cat((want_cos, want_cos, torch.ones(size, rest)), -1))
+        assert torch.equal(table.sin, torch.cat((-want_sin, want_sin, torch.zeros(size, rest)), -1))
+        assert torch.equal(cos, table.cos[:4]) and torch.equal(sin, table.sin[:4])
+        later, _ = table.rows(first + 3)  # a later step of the same table: a view, no rewrite
+        assert table.first == first and torch.equal(later, table.cos[3:7])

@@ -143,14 +143,14 @@ def _receive(layer: SinkLayer | SlidingLayer, key_states: torch.Tensor,
     has not missed one, no gradients, the shapes the plan expects. Initialises the layer on its first step and
     returns the plan with the keys and values, padding columns zeroed (so that nothing, not even NaN, leaks from
     masked slots)."""
-    parent = layer.parent
+    parent, compiling = layer.parent, torch.compiler.is_compiling()
     plan = parent.plan
     if not layer.is_initialized:  # a new layer (a reset keeps the layer count)
         if plan is None:
             raise NotEnabledError(NOT_ENABLED)
         if plan.start != 0:  # a layer first seen after the first step missed the stream's first tokens
             raise RuntimeError(INTERRUPTED)
-    elif not torch.compiler.is_compiling() and layer.step == parent.steps:
+    elif not compiling and layer.step == parent.steps:
         # the layer already stored this step's keys: the hook did not plan this call. (Not checked, nor recorded,
         # inside a compiled step, which would specialise on the step number; the count below still is.)
         raise NotEnabledError(NOT_ENABLED)
@@ -160,7 +160,7 @@ def _receive(layer: SinkLayer | SlidingLayer, key_states: torch.Tensor,
     if not layer.is_initialized:
         layer.lazy_initialization(key_states, value_states)
         parent.ready += 1
-    if not torch.compiler.is_compiling():
+    if not compiling:
         layer.step = parent.steps
     parent.received += 1
     if key_states.shape[0] != layer.batch or key_states.shape[-2] != plan.num_new:
@@ -597,6 +597,7 @@ class SinkCache(Cache):
         self.spare = self.slack
         self.rolls_in_place = False
         self.rope: RopeSpec | None = None
+        self._limit = 0  # positions of one-token calls stay below this (_position_limit; set with the rope)
         # (inv_freq, its table) by (id(inv_freq), device, head_dim); holding inv_freq keeps its id from being reused
         self._tables: dict[tuple[int, torch.device, int], tuple[torch.Tensor, RotationTable]] = {}
         self._inference_tensors = False  # a step ran under torch.inference_mode(): see _leave_inference_mode
@@ -617,7 +618,6 @@ class SinkCache(Cache):
         self.steps = self.ready = self.received = 0
         # rolling in place: (buffer index of the region, stream slot of the token stored first in its ring)
         self.ring: tuple[int, int] | None = None
-        self._limit = 0  # positions stay below this in one-token calls (see the re-base in begin_step)
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
         # the positions of the next one-token calls: the first's, a [1, POSITIONS_AHEAD] arange, its views (see _arange)
@@ -684,17 +684,7 @@ class SinkCache(Cache):
             base, capacity = region_start, max(default, t + n - region_start)
         # Re-base positions when the next query would pass the limit (float32 precision, length-dependent RoPE).
         # Re-bases are then more than `window` slots apart, longer than any window key lives: one re-rotation each.
-        limit = 2 * window + n
-        if rope.max_position is not None:
-            if window + n > rope.max_position:
-                raise ValueError(
-                    f"window_length ({window}) + tokens per call ({n}) exceed {rope.max_position}, the longest "
-                    "context at which this model's length-dependent RoPE keeps fixed frequencies. Use a smaller "
-                    "window_length or feed fewer tokens per call."
-                )
-            limit = min(limit, rope.max_position)
-        if n == 1:
-            self._limit = limit  # for _roll_one
+        limit = self._position_limit(rope, n)
         shift = 0
         if t + n - self.offset > limit:
             shift, self.offset = region_start - self.offset, region_start
@@ -718,7 +708,7 @@ class SinkCache(Cache):
         else:
             attend, query_offset = slice(lo, now + n), now
             # the new token takes the slot of the token evicted after the previous call when rolling in place
-            first = now if self.ring is None else lo + sinks + (t - self.ring[1]) % ring_size
+            first = now if self.ring is None else self._ring_slot(t)
             write_at = self._slots(first, n, device)
         self.plan = StepPlan(
             start=t, num_new=n, region_start=region_start, base=base, capacity=capacity, write_at=write_at,
@@ -753,6 +743,27 @@ class SinkCache(Cache):
             return position_ids, None
         return position_ids, torch.arange(base, t + n)[None, :] >= self.first_real[:, None]
 
+    def _position_limit(self, rope: RopeSpec, n: int) -> int:
+        """Positions of a call of ``n`` tokens stay below this (a re-base happens before they would not): twice the
+        window plus the call, and never past the longest context of a length-dependent RoPE."""
+        window = self.window_length
+        if rope.max_position is None:
+            return 2 * window + n
+        if window + n > rope.max_position:
+            raise ValueError(
+                f"window_length ({window}) + tokens per call ({n}) exceed {rope.max_position}, the longest "
+                "context at which this model's length-dependent RoPE keeps fixed frequencies. Use a smaller "
+                "window_length or feed fewer tokens per call."
+            )
+        return min(2 * window + n, rope.max_position)
+
+    def _ring_slot(self, t: int) -> int:
+        """Rolling in place, the buffer index of stream slot ``t``'s token: the slot of the window token evicted
+        after the previous call."""
+        assert self.ring is not None
+        at, origin = self.ring
+        return at + self.num_sink_tokens + (t - origin) % (self.window_length + 1 - self.num_sink_tokens)
+
     def _steady(self, num_new: int, new_mask: torch.Tensor | None) -> bool:
         """Whether the step is one ``_roll_one`` serves: one token, all real, while rolling in place, no re-base due."""
         return (self.ring is not None and num_new == 1 and new_mask is None
@@ -770,10 +781,10 @@ class SinkCache(Cache):
         """
         assert self.ring is not None and self.plan is not None
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
-        at, origin = self.ring
+        at = self.ring[0]
         region_start = t - window  # policy.region_start for t > window_length
         base = region_start - at
-        slot = at + sinks + (t - origin) % (window + 1 - sinks)
+        slot = self._ring_slot(t)
         self.plan = StepPlan(
             start=t, num_new=1, region_start=region_start, base=base, capacity=self.plan.capacity,
             write_at=self._slots(slot, 1, device), attend=slice(at, at + window + 1), new_mask=None, capture=None,
@@ -875,6 +886,7 @@ class SinkCache(Cache):
             local = rope.local_window
         self.rolls_in_place = not self.static_shapes and (local is None or local > self.window_length)
         self.spare = 1 if self.rolls_in_place else self.slack
+        self._limit = self._position_limit(rope, 1)  # for _steady
 
     @property
     def sliding_layers(self) -> list[SlidingLayer]:

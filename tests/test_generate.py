@@ -182,6 +182,22 @@ def test_interleaved_rope_is_refused_by_the_probe(monkeypatch):
         enable_streaming(tiny_model("llama"))
 
 
+def test_llama4_the_chunked_attention_family_is_refused_by_the_probe():
+    """Llama 4 is the one decoder in transformers with chunked-attention layers (``attention_chunk_size``); it
+    rotates interleaved pairs, which the probe refuses, so no model sinkcache streams has a chunked layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama4_text", vocab_size=97, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=16,
+        num_local_experts=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert set(model.config.layer_types) == {"chunked_attention"}
+    with pytest.raises(UnsupportedModelError, match="do not follow the half-split rotary embedding"):
+        enable_streaming(model, window_length=32, num_sink_tokens=4)
+
+
 def test_enable_and_disable_are_idempotent_and_restore_exactly():
     model = tiny_model("llama")
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(9))

@@ -125,6 +125,16 @@ class Consecutive:
         if n > 1:
             run = torch.arange(start, start + n, device=device)
             return run[None] if self.rows else run
+        table = self._table(start, device)
+        if self.narrow:
+            return table.narrow(-1, start - self.first, 1)
+        return self.views[start - self.first]
+
+    def scalar(self, start: int, device: torch.device) -> torch.Tensor:
+        """``torch.tensor(start)`` on a device: a 0-d view of the table (an index table made with ``narrow``)."""
+        return self._table(start, device).select(0, start - self.first)
+
+    def _table(self, start: int, device: torch.device) -> torch.Tensor:
         table = self.table
         if table is None or table.device != device or not 0 <= start - self.first < POSITIONS_AHEAD:
             table = torch.arange(start, start + POSITIONS_AHEAD, device=device)
@@ -132,9 +142,44 @@ class Consecutive:
             shape = (POSITIONS_AHEAD, 1, 1) if self.rows else (POSITIONS_AHEAD, 1)
             self.views = () if self.narrow else table.view(shape).unbind(0)
             self.first = start
-        if self.narrow:
-            return table.narrow(-1, start - self.first, 1)
-        return self.views[start - self.first]
+        return table
+
+
+class SlotMask:
+    """Static shapes' ``[batch, capacity + 1]`` validity of the buffer's slots (column 0 is the leading, masked
+    column of ``SinkCache.mask_sizes``): one tensor on the model's device, kept from step to step.
+
+    A row's slot is valid from its first real token and from the region start on, up to the step's last new token.
+    Once no row starts after the region, the valid columns are one run, the same in every row, and a one-token step
+    moves it on by one: the mask is then updated in place, filling the columns that left the run and those that
+    joined it (two small kernels, where building the mask takes six, and off the CPU a copy to the device).
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.run: tuple[int, int] | None = None  # the valid columns [start, stop), when they are those of every row
+
+    def update(self, first_real: torch.Tensor, region_start: int, stop: int, base: int, capacity: int,
+               uniform: bool, device: torch.device) -> torch.Tensor:
+        """The mask of slots ``[region_start, stop)`` (and of each row's real ones), the buffer's index 0 at slot
+        ``base``; ``uniform``: no row's first real token comes after ``region_start``."""
+        mask, run = self.mask, self.run
+        if mask is None or mask.shape != (first_real.shape[0], capacity + 1) or mask.device != device:
+            mask = self.mask = torch.zeros(first_real.shape[0], capacity + 1, dtype=torch.bool, device=device)
+            run = 0, 0
+        start, end = region_start - base + 1, stop - base + 1
+        if uniform and run is not None:
+            if run[0] <= start <= run[1] <= end:  # the run moved on: what left it, and what joined it
+                mask.narrow(1, run[0], start - run[0]).fill_(False)
+                mask.narrow(1, run[1], end - run[1]).fill_(True)
+            else:
+                mask.fill_(False)
+                mask.narrow(1, start, end - start).fill_(True)
+        else:
+            slots = torch.arange(base - 1, base + capacity)[None, :]
+            mask.copy_((slots >= first_real[:, None].clamp(min=region_start)) & (slots < stop))
+        self.run = (start, end) if uniform else None
+        return mask
 
 
 def _receive(layer: SinkLayer | SlidingLayer, key_states: torch.Tensor,
@@ -644,7 +689,8 @@ class SinkCache(Cache):
 
         Returns:
             ``position_ids`` ``[batch, num_new]`` (long, on ``device``) and a 2D validity mask over the buffer from
-            index 0 to the last attended one (CPU, bool), or ``None`` when every attended slot is valid.
+            index 0 to the last attended one (CPU, bool), or ``None`` when every attended slot is valid. With static
+            shapes the mask covers the whole buffer, on ``device``, and the next step updates it in place.
         """
         if rope is not self.rope:
             if self.rope is not None and self.rope.model_id != rope.model_id:
@@ -703,8 +749,8 @@ class SinkCache(Cache):
             self.ring = lo, region_start + sinks
         query_offset: int | torch.Tensor
         if self.static_shapes:
-            write_at, attend = torch.arange(now, now + n, device=device), slice(None)
-            query_offset = torch.tensor(now + 1, device=device)  # + 1: see mask_sizes
+            write_at, attend = self._slots(now, n, device), slice(None)
+            query_offset = self._offsets.scalar(now + 1, device)  # + 1: see mask_sizes
         else:
             attend, query_offset = slice(lo, now + n), now
             # the new token takes the slot of the token evicted after the previous call when rolling in place
@@ -737,8 +783,9 @@ class SinkCache(Cache):
         if batch > 1:
             position_ids = position_ids.expand(batch, n).clone()
         if self.static_shapes:  # the whole buffer is attended: hide what lies outside the live region
-            slots = torch.arange(base - 1, base + capacity)[None, :]  # from -1: see mask_sizes
-            return position_ids, (slots >= self.first_real[:, None].clamp(min=region_start)) & (slots < t + n)
+            uniform = self._first_max <= region_start
+            return position_ids, self._slot_mask.update(self.first_real, region_start, t + n, base, capacity, uniform,
+                                                        device)
         if self._first_max <= region_start:  # every attended slot holds a real token
             return position_ids, None
         return position_ids, torch.arange(base, t + n)[None, :] >= self.first_real[:, None]
@@ -893,9 +940,12 @@ class SinkCache(Cache):
         return [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
 
     def _new_tables(self) -> None:
-        """Fresh tables of the one-token steps' position ids and write indices (see ``Consecutive``)."""
+        """Fresh tables of the one-token steps' position ids, write indices and query offsets (see ``Consecutive``),
+        and a fresh slot mask of static shapes."""
         self._positions = Consecutive(rows=True, narrow=self.static_shapes)
-        self._slots = Consecutive(rows=False)
+        self._slots = Consecutive(rows=False, narrow=self.static_shapes)
+        self._offsets = Consecutive(rows=False, narrow=True)  # static shapes: the query offset, a 0-d view
+        self._slot_mask = SlotMask()
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record where each row's real tokens start (left padding); refuse padding after a real token.
@@ -1005,7 +1055,8 @@ class SinkCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (buffers, the sinks' copies and swapped halves, the sliding layers'
-        tokens, rotation and position tables), each storage counted once."""
+        tokens, rotation, position and index tables, the slot mask of static shapes, each row's first real slot),
+        each storage counted once."""
         tensors = [t for group in self.groups
                    for t in (*group.units, group.sink_keys, group.sink_values, group.swapped, group.placed)
                    if t is not None]
@@ -1015,7 +1066,8 @@ class SinkCache(Cache):
             elif layer.is_initialized and layer.group is None:
                 tensors += [layer.kv, layer.sink_keys, layer.sink_values]
         tensors += [t for _, table in self._tables.values() for t in table.tensors()]
-        tensors += [table for table in (self._positions.table, self._slots.table) if table is not None]
+        tensors += [t for t in (self._positions.table, self._slots.table, self._offsets.table, self._slot_mask.mask,
+                                self.first_real) if t is not None]
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def cached_length(self) -> int:

@@ -419,8 +419,8 @@ def targets(results: dict[str, Any], headline_window: int) -> dict[str, dict[str
     for row in results["decode"]:
         tag = f"{row['model']}/W={row['window_length']}"
         found[f"throughput sink/dynamic {tag}"] = {
-            "target": ">= 0.97", "measured": row["throughput_ratio_sink_vs_dynamic"],
-            "met": row["throughput_ratio_sink_vs_dynamic"] >= 0.97}
+            "target": ">= 1.00", "measured": row["throughput_ratio_sink_vs_dynamic"],
+            "met": row["throughput_ratio_sink_vs_dynamic"] >= 1.00}
         if row["window_length"] == headline_window:
             found[f"speedup vs re-computation {tag}"] = {
                 "target": ">= 22 (paper, GPU)", "measured": row["speedup_vs_recompute"],

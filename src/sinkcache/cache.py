@@ -131,7 +131,7 @@ class Consecutive:
         return self.views[start - self.first]
 
     def scalar(self, start: int, device: torch.device) -> torch.Tensor:
-        """``torch.tensor(start)`` on a device: a 0-d view of the table (an index table made with ``narrow``)."""
+        """``torch.tensor(start)`` on a device: a 0-d view of an index table's (``rows=False``) entries."""
         return self._table(start, device).select(0, start - self.first)
 
     def _table(self, start: int, device: torch.device) -> torch.Tensor:
@@ -665,7 +665,7 @@ class SinkCache(Cache):
         self.ring: tuple[int, int] | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
-        # the positions of the next one-token calls: the first's, a [1, POSITIONS_AHEAD] arange, its views (see _arange)
+        # the position ids and write indices of the next one-token calls, and the slot mask (see _new_tables)
         self._new_tables()
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
         self._grouped = False
@@ -750,7 +750,7 @@ class SinkCache(Cache):
         query_offset: int | torch.Tensor
         if self.static_shapes:
             write_at, attend = self._slots(now, n, device), slice(None)
-            query_offset = self._offsets.scalar(now + 1, device)  # + 1: see mask_sizes
+            query_offset = self._slots.scalar(now + 1, device)  # + 1: see mask_sizes
         else:
             attend, query_offset = slice(lo, now + n), now
             # the new token takes the slot of the token evicted after the previous call when rolling in place
@@ -940,11 +940,10 @@ class SinkCache(Cache):
         return [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
 
     def _new_tables(self) -> None:
-        """Fresh tables of the one-token steps' position ids, write indices and query offsets (see ``Consecutive``),
-        and a fresh slot mask of static shapes."""
+        """Fresh tables of the one-token steps' position ids and write indices (see ``Consecutive``; the write
+        indices' table also gives static shapes their query offset), and a fresh slot mask of static shapes."""
         self._positions = Consecutive(rows=True, narrow=self.static_shapes)
         self._slots = Consecutive(rows=False, narrow=self.static_shapes)
-        self._offsets = Consecutive(rows=False, narrow=True)  # static shapes: the query offset, a 0-d view
         self._slot_mask = SlotMask()
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -1066,8 +1065,8 @@ class SinkCache(Cache):
             elif layer.is_initialized and layer.group is None:
                 tensors += [layer.kv, layer.sink_keys, layer.sink_values]
         tensors += [t for _, table in self._tables.values() for t in table.tensors()]
-        tensors += [t for t in (self._positions.table, self._slots.table, self._offsets.table, self._slot_mask.mask,
-                                self.first_real) if t is not None]
+        tensors += [t for t in (self._positions.table, self._slots.table, self._slot_mask.mask, self.first_real)
+                    if t is not None]
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def cached_length(self) -> int:

@@ -78,7 +78,6 @@ from .rotary import RopeSpec, RotationTable, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
-POSITIONS_AHEAD = 8  # the positions of one-token calls are made for this many steps at once
 TABLE_STEPS = 8  # the sinks' rotation table serves this many steps, then is rewritten (six small kernels)
 
 
@@ -107,42 +106,38 @@ class StepPlan:
     real_from: int  # every row holds real tokens from this slot on (a huge number while a row has none)
 
 
-class Consecutive:
-    """``torch.arange(start, start + n)`` on a device, for ``n`` tokens from ``start``, ``[1, n]`` (position ids) or
-    ``[n]`` (an index). For one token the result is a view of a small table made for ``POSITIONS_AHEAD`` consecutive
-    starts at once (views made by one unbind): a decode step builds no tensor (and on a GPU, copies none).
+class StepNumbers:
+    """The numbers of a step that the model reads as tensors, on its device: the new tokens' position ids
+    ``[1, n]``, their buffer indices ``[n]`` and, with static shapes, the causal mask's query offset ``[]``.
 
-    With ``narrow`` the views are made per call instead: views made by unbind slow a compiled step down (measured).
+    For one token (every decode step) they are views of one small tensor kept from step to step. Such a step mostly
+    moves every number on by one, and one ``add_`` then updates them all; otherwise each view is refilled. Making a
+    tensor or a view per step costs more, and decode steps of small models are bound by such per-call costs
+    (measured). A returned tensor is valid until the next call: each serves one forward call.
     """
 
-    def __init__(self, rows: bool, narrow: bool = False):
-        self.rows, self.narrow = rows, narrow
-        self.first = -1
-        self.table: torch.Tensor | None = None
+    def __init__(self, count: int):
+        self.count = count  # 2, or 3 with the query offset
+        self.kept: torch.Tensor | None = None
         self.views: tuple[torch.Tensor, ...] = ()
+        self.next: tuple[int, ...] = ()  # the numbers one add_ makes of the kept ones
 
-    def __call__(self, start: int, n: int, device: torch.device) -> torch.Tensor:
+    def __call__(self, numbers: tuple[int, ...], n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         if n > 1:
-            run = torch.arange(start, start + n, device=device)
-            return run[None] if self.rows else run
-        table = self._table(start, device)
-        if self.narrow:
-            return table.narrow(-1, start - self.first, 1)
-        return self.views[start - self.first]
-
-    def scalar(self, start: int, device: torch.device) -> torch.Tensor:
-        """``torch.tensor(start)`` on a device: a 0-d view of an index table's (``rows=False``) entries."""
-        return self._table(start, device).select(0, start - self.first)
-
-    def _table(self, start: int, device: torch.device) -> torch.Tensor:
-        table = self.table
-        if table is None or table.device != device or not 0 <= start - self.first < POSITIONS_AHEAD:
-            table = torch.arange(start, start + POSITIONS_AHEAD, device=device)
-            table = self.table = table[None] if self.rows else table
-            shape = (POSITIONS_AHEAD, 1, 1) if self.rows else (POSITIONS_AHEAD, 1)
-            self.views = () if self.narrow else table.view(shape).unbind(0)
-            self.first = start
-        return table
+            positions, indices = (torch.arange(first, first + n, device=device) for first in numbers[:2])
+            return positions[None], indices, *(torch.tensor(number, device=device) for number in numbers[2:])
+        kept = self.kept
+        if kept is None or kept.device != device:
+            kept = self.kept = torch.empty(self.count, dtype=torch.long, device=device)
+            self.views = (kept[:1].view(1, 1), kept[1:2], *kept[2:].unbind())
+            self.next = ()
+        if numbers == self.next:
+            kept.add_(1)
+        else:
+            for view, number in zip(self.views, numbers):
+                view.fill_(number)
+        self.next = tuple(number + 1 for number in numbers)
+        return self.views
 
 
 class SlotMask:
@@ -665,8 +660,8 @@ class SinkCache(Cache):
         self.ring: tuple[int, int] | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
-        # the position ids and write indices of the next one-token calls, and the slot mask (see _new_tables)
-        self._new_tables()
+        # the one-token calls' position ids and write indices, refilled in place, and the slot mask (_new_step_tensors)
+        self._new_step_tensors()
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
         self._grouped = False
 
@@ -749,13 +744,13 @@ class SinkCache(Cache):
             self.ring = lo, region_start + sinks
         query_offset: int | torch.Tensor
         if self.static_shapes:
-            write_at, attend = self._slots(now, n, device), slice(None)
-            query_offset = self._slots.scalar(now + 1, device)  # + 1: see mask_sizes
+            attend = slice(None)  # the query offset is now + 1: see mask_sizes
+            position_ids, write_at, query_offset = self._numbers((t - self.offset, now, now + 1), n, device)
         else:
             attend, query_offset = slice(lo, now + n), now
             # the new token takes the slot of the token evicted after the previous call when rolling in place
             first = now if self.ring is None else self._ring_slot(t)
-            write_at = self._slots(first, n, device)
+            position_ids, write_at = self._numbers((t - self.offset, first), n, device)
         self.plan = StepPlan(
             start=t, num_new=n, region_start=region_start, base=base, capacity=capacity, write_at=write_at,
             attend=attend, new_mask=new_mask, capture=capture, query_offset=query_offset, real_from=self._first_max,
@@ -779,7 +774,6 @@ class SinkCache(Cache):
         self._planned()
         self.base, self.seen, self.stepping = base, t + n, True
 
-        position_ids = self._positions(t - self.offset, n, device)
         if batch > 1:
             position_ids = position_ids.expand(batch, n).clone()
         if self.static_shapes:  # the whole buffer is attended: hide what lies outside the live region
@@ -831,10 +825,10 @@ class SinkCache(Cache):
         at = self.ring[0]
         region_start = t - window  # policy.region_start for t > window_length
         base = region_start - at
-        slot = self._ring_slot(t)
+        position_ids, write_at = self._numbers((t - self.offset, self._ring_slot(t)), 1, device)
         self.plan = StepPlan(
             start=t, num_new=1, region_start=region_start, base=base, capacity=self.plan.capacity,
-            write_at=self._slots(slot, 1, device), attend=slice(at, at + window + 1), new_mask=None, capture=None,
+            write_at=write_at, attend=slice(at, at + window + 1), new_mask=None, capture=None,
             query_offset=t - base, real_from=self._first_max,
         )
         for group in self.groups:
@@ -843,7 +837,6 @@ class SinkCache(Cache):
             group.attend(at, window + 1)
         self._planned()
         self.base, self.seen, self.stepping = base, t + 1, True
-        position_ids = self._positions(t - self.offset, 1, device)
         return (position_ids.expand(batch, 1).clone() if batch > 1 else position_ids), None
 
     def _planned(self) -> None:
@@ -860,7 +853,7 @@ class SinkCache(Cache):
     def _rebuild(self, own: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Re-make every view the cache relies on from the tensors they view (each passed through ``own`` first):
         the layers' storage views of their group's units (``LayerGroup._set``), or of their own buffers before the
-        groups form, and the cached views (attended slices, sinks' slots, positions, rotation runs)."""
+        groups form, and the cached views (attended slices, sinks' slots, rotation runs) and step tensors."""
         for group in self.groups:
             swapped, changed = own(group.swapped), group.sinks_changed
             placed = None if group.placed is None else own(group.placed)
@@ -879,7 +872,7 @@ class SinkCache(Cache):
             table.partner = own(table.partner)
             table.allocate()
             table._build(table.first)
-        self._new_tables()
+        self._new_step_tensors()
         if self.first_real is not None:
             self.first_real = own(self.first_real)
 
@@ -939,11 +932,10 @@ class SinkCache(Cache):
     def sliding_layers(self) -> list[SlidingLayer]:
         return [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
 
-    def _new_tables(self) -> None:
-        """Fresh tables of the one-token steps' position ids and write indices (see ``Consecutive``; the write
-        indices' table also gives static shapes their query offset), and a fresh slot mask of static shapes."""
-        self._positions = Consecutive(rows=True, narrow=self.static_shapes)
-        self._slots = Consecutive(rows=False, narrow=self.static_shapes)
+    def _new_step_tensors(self) -> None:
+        """Fresh tensors of the one-token steps' position ids, write indices and (static shapes) query offset (see
+        ``StepNumbers``), and a fresh slot mask of static shapes."""
+        self._numbers = StepNumbers(3 if self.static_shapes else 2)
         self._slot_mask = SlotMask()
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -1054,8 +1046,8 @@ class SinkCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (buffers, the sinks' copies and swapped halves, the sliding layers'
-        tokens, rotation, position and index tables, the slot mask of static shapes, each row's first real slot),
-        each storage counted once."""
+        tokens, rotation tables, the one-token calls' position ids and indices, the slot mask of static shapes, each
+        row's first real slot), each storage counted once."""
         tensors = [t for group in self.groups
                    for t in (*group.units, group.sink_keys, group.sink_values, group.swapped, group.placed)
                    if t is not None]
@@ -1065,7 +1057,7 @@ class SinkCache(Cache):
             elif layer.is_initialized and layer.group is None:
                 tensors += [layer.kv, layer.sink_keys, layer.sink_values]
         tensors += [t for _, table in self._tables.values() for t in table.tensors()]
-        tensors += [t for t in (self._positions.table, self._slots.table, self._slot_mask.mask, self.first_real)
+        tensors += [t for t in (self._numbers.kept, self._slot_mask.mask, self.first_real)
                     if t is not None]
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 

@@ -119,7 +119,7 @@ class RotationTable:
         cos, sin = self.rows(first)
         if out is None:
             return torch.addcmul(keys * cos, swapped, sin)
-        return torch.addcmul(keys * cos, swapped, sin, out=out)
+        return torch.mul(keys, cos, out=out).addcmul_(swapped, sin)
 
 
 @dataclass(frozen=True)

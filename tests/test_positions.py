@@ -251,3 +251,49 @@ def test_rotation_table_rewritten_in_place_equals_rotation(head_dim):
         assert torch.equal(cos, table.cos[:4]) and torch.equal(sin, table.sin[:4])
         later, _ = table.rows(first + 3)  # a later step of the same table: a view, no rewrite
         assert table.first == first and torch.equal(later, table.cos[3:7])
+
+
+@pytest.mark.parametrize("count", [2, 3])  # 3: static shapes' query offset too
+def test_step_numbers_are_the_aranges_whatever_the_sequence(count):
+    """A one-token step's numbers are views of one kept tensor, moved on by one ``add_`` when every number advances
+    by one and refilled otherwise: after any mix of such steps, jumps (a ring's wrap, a re-base) and chunks, each
+    call must give exactly the aranges of its numbers, in the shapes the model takes."""
+    from sinkcache.cache import StepNumbers
+
+    numbers, generator = StepNumbers(count), torch.Generator().manual_seed(0)
+    current, advanced = [40, 7, 8][:count], 0
+    for _ in range(300):
+        kind = torch.randint(0, 6, (), generator=generator).item()
+        n = 3 if kind == 0 else 1  # a chunk
+        if kind == 1:  # a jump of one number only
+            current[1] = int(torch.randint(0, 50, (), generator=generator))
+        if kind == 2:  # every number moves back (a re-base)
+            current = [x - 20 for x in current]
+        advanced += n == 1 and tuple(current) == numbers.next
+        got = numbers(tuple(current), n, torch.device("cpu"))
+        want = [torch.arange(x, x + n) for x in current]
+        assert len(got) == count and got[0].shape == (1, n) and got[1].shape == (n,)
+        assert torch.equal(got[0][0], want[0]) and torch.equal(got[1], want[1])
+        if count == 3:
+            assert got[2].shape == () and int(got[2]) == current[2]
+        current = [x + n for x in current]
+    assert advanced > 100  # the add_ path ran, not only refills
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sinks_rotated_into_storage_are_rounded_once(dtype):
+    """The sinks' keys are rotated in float32 straight into the storage's slots: in a lower-precision storage the
+    result must be the float32 rotation rounded once (never the product rounded, then the sum), in float32 the
+    rotation itself, also through a strided view of the storage."""
+    from sinkcache.rotary import RotationTable
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    table = RotationTable(inv_freq, 16, count=4, ahead=8)
+    keys = torch.randn(3, 2, 4, 16, generator=torch.Generator().manual_seed(0)) * 3
+    swapped = table.swap_halves(keys)
+    storage = torch.zeros(3, 2, 10, 16, dtype=dtype)
+    out = storage[:, :, 5:9]  # a strided view, as the sinks' slots of a buffer
+    for first in (0, 5, 1000):
+        want = table.rotate(keys, first, swapped)  # float32, no out
+        table.rotate(keys, first, swapped, out=out)
+        assert torch.equal(out, want.to(dtype))

@@ -117,9 +117,10 @@ class RotationTable:
         (any float dtype, may be a strided view) when given.
         """
         cos, sin = self.rows(first)
-        if out is None:
-            return torch.addcmul(keys * cos, swapped, sin)
-        return torch.mul(keys, cos, out=out).addcmul_(swapped, sin)
+        if out is not None and out.dtype == torch.float32:  # straight into out, no temporary
+            return torch.mul(keys, cos, out=out).addcmul_(swapped, sin)
+        # float32 maths and one rounding into out: a lower-precision out must not hold the product alone
+        return torch.addcmul(keys * cos, swapped, sin, out=out)
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def test_step_numbers_are_the_aranges_whatever_the_sequence(count):
     call must give exactly the aranges of its numbers, in the shapes the model takes."""
     from sinkcache.cache import StepNumbers
 
-    numbers, generator = StepNumbers(count), torch.Generator().manual_seed(0)
+    numbers, generator = StepNumbers(), torch.Generator().manual_seed(0)
     current, advanced = [40, 7, 8][:count], 0
     for _ in range(300):
         kind = torch.randint(0, 6, (), generator=generator).item()

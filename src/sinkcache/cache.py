@@ -116,9 +116,8 @@ class StepNumbers:
     (measured). A returned tensor is valid until the next call: each serves one forward call.
     """
 
-    def __init__(self, count: int):
-        self.count = count  # 2, or 3 with the query offset
-        self.kept: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.kept: torch.Tensor | None = None  # one number per view: 2, or 3 with the query offset
         self.views: tuple[torch.Tensor, ...] = ()
         self.next: tuple[int, ...] = ()  # the numbers one add_ makes of the kept ones
 
@@ -128,7 +127,7 @@ class StepNumbers:
             return positions[None], indices, *(torch.tensor(number, device=device) for number in numbers[2:])
         kept = self.kept
         if kept is None or kept.device != device:
-            kept = self.kept = torch.empty(self.count, dtype=torch.long, device=device)
+            kept = self.kept = torch.empty(len(numbers), dtype=torch.long, device=device)
             self.views = (kept[:1].view(1, 1), kept[1:2], *kept[2:].unbind())
             self.next = ()
         if numbers == self.next:
@@ -935,7 +934,7 @@ class SinkCache(Cache):
     def _new_step_tensors(self) -> None:
         """Fresh tensors of the one-token steps' position ids, write indices and (static shapes) query offset (see
         ``StepNumbers``), and a fresh slot mask of static shapes."""
-        self._numbers = StepNumbers(3 if self.static_shapes else 2)
+        self._numbers = StepNumbers()
         self._slot_mask = SlotMask()
 
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -1057,8 +1056,7 @@ class SinkCache(Cache):
             elif layer.is_initialized and layer.group is None:
                 tensors += [layer.kv, layer.sink_keys, layer.sink_values]
         tensors += [t for _, table in self._tables.values() for t in table.tensors()]
-        tensors += [t for t in (self._numbers.kept, self._slot_mask.mask, self.first_real)
-                    if t is not None]
+        tensors += [t for t in (self._numbers.kept, self._slot_mask.mask, self.first_real) if t is not None]
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def cached_length(self) -> int:

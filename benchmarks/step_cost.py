@@ -16,6 +16,12 @@ step by step. Three parts are timed with ``time.perf_counter`` wrappers (each ad
 
 Medians per step are printed; the rest of the difference (attention over a view, mask creation) is what is left.
 This explains the throughput ratios of ``benchmarks/speed.py`` on the tiny model; it is a profile, not a target.
+
+A second table bounds what removing the planning's Python could gain: the same steps, alternating among
+DynamicCache, SinkCache and a SinkCache step reduced to its kernels (the hook only moves the step numbers on and
+rotates the sinks, through a rotation table it never rewrites, where the real step rewrites it every 8 steps with six
+small kernels; each layer's update only writes its new token, always into the same slot). The reduced step keeps
+no valid cache (its outputs are not used): it is a timing bound, not something a cache could ship.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 import sinkcache.patch
 from sinkcache import CACHE_KWARG, SinkCache, enable_streaming
 from sinkcache.cache import SinkLayer
+from sinkcache.patch import _PositionHook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import SINKS, tiny_model  # noqa: E402 - the speed benchmark's model, from the folder of this script
@@ -90,6 +97,59 @@ def profile(window: int, steps: int) -> dict[str, float]:
     return {label: statistics.median(values) * 1e6 for label, values in samples.items()}
 
 
+@torch.no_grad()
+def kernels_only(window: int, steps: int) -> dict[str, float]:
+    """Median microseconds per step of DynamicCache, SinkCache and SinkCache's step reduced to its kernels."""
+    model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
+    ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
+    caches = {"sink": SinkCache(window, SINKS), "kernels only": SinkCache(window, SINKS), "dynamic": DynamicCache()}
+    for name in ("sink", "kernels only"):
+        model(input_ids=ids[:, :window], **{CACHE_KWARG: caches[name]})
+        for step in range(16):  # past the window, one token at a time: rolling in place
+            model(input_ids=ids[:, step : step + 1], **{CACHE_KWARG: caches[name]})
+    model(input_ids=ids[:, -window:], **{CACHE_KWARG: caches["dynamic"]})
+    reduced = caches["kernels only"]
+    assert reduced.ring is not None and len(reduced.groups) == 1, "the tiny model rolls in place in one group"
+    group = reduced.groups[0]
+    (sink_slots, _), (sink_keys, swapped, _) = group.slot_views[0], group.sources[0]
+    cos, sin = group.table.rows(group.table.first)
+    numbers, position_ids = reduced._numbers.kept, reduced._numbers.views[0]
+    index = reduced._numbers.views[1].clone()  # a fixed slot: the stored keys are not a cache's any more
+    assert numbers is not None
+
+    def hook(self: _PositionHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        if kwargs.get(CACHE_KWARG) is not reduced:
+            return original_hook(self, module, args, kwargs)
+        numbers.add_(1)
+        torch.mul(sink_keys, cos, out=sink_slots).addcmul_(swapped, sin)
+        kwargs["position_ids"] = position_ids
+        return args, kwargs
+
+    def update(self: SinkLayer, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.parent is not reduced:
+            return original_update(self, key_states, value_states, *args, **kwargs)
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        return self.attending
+
+    original_hook, original_update = _PositionHook.__call__, SinkLayer.update
+    _PositionHook.__call__, SinkLayer.update = hook, update  # type: ignore[method-assign]
+    samples: dict[str, list[float]] = {name: [] for name in caches}
+    order = list(caches.items())
+    try:
+        for step in range(steps):
+            token = ids[:, step % ids.shape[1]][:, None]
+            for name, cache in order[step % 3 :] + order[: step % 3]:
+                start = time.perf_counter()
+                model(input_ids=token, **{CACHE_KWARG: cache})
+                samples[name].append(time.perf_counter() - start)
+                if isinstance(cache, DynamicCache):
+                    cache.crop(-1)
+    finally:
+        _PositionHook.__call__, SinkLayer.update = original_hook, original_update  # type: ignore[method-assign]
+    return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
+
+
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 1024, 4096], help="cache sizes W (tokens)")
@@ -106,6 +166,14 @@ def main(argv: Iterable[str] | None = None) -> None:
         print(f"| {window} | {us['sink step']:.0f} / {us['dynamic step']:.0f} | {difference:+.0f} | "
               f"{us['sink plan']:.0f} | {us['sink update']:.0f} / {us['dynamic update']:.0f} | {rest:+.0f} |",
               flush=True)
+    print()
+    print("| W | step µs DynamicCache / SinkCache / SinkCache kernels only | throughput vs DynamicCache: SinkCache / "
+          "kernels only |")
+    print("|---:|---:|---:|")
+    for window in args.sizes:
+        us = kernels_only(window, args.steps)
+        print(f"| {window} | {us['dynamic']:.0f} / {us['sink']:.0f} / {us['kernels only']:.0f} | "
+              f"{us['dynamic'] / us['sink']:.3f} / {us['dynamic'] / us['kernels only']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

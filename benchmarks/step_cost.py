@@ -9,19 +9,20 @@ past its window and with a DynamicCache holding ``W`` tokens (cropped back after
 step by step. Three parts are timed with ``time.perf_counter`` wrappers (each adds well under a microsecond):
 
 * the whole forward call;
-* SinkCache's planning hook (``sinkcache.patch._positions_for_step``: the mask check, ``begin_step`` with the
-  rotation of every layer's sinks, the positions and write index; past the window the cache rolls in place, so the
-  layers' views stay the same);
-* the cache's per-layer ``update`` (``SinkLayer.update`` / ``DynamicLayer.update``), summed over the layers.
+* SinkCache's planning hook (``sinkcache.patch._positions_for_step``: the mask check, ``begin_step``, the positions
+  and write index; past the window the cache rolls in place, so the layers' views stay the same);
+* the cache's per-layer ``update`` (``SinkLayer.update`` / ``DynamicLayer.update``), summed over the layers; for
+  SinkCache it includes the rotation of the sinks, which the group's first layer runs (``LayerGroup.roll``).
 
 Medians per step are printed; the rest of the difference (attention over a view, mask creation) is what is left.
 This explains the throughput ratios of ``benchmarks/speed.py`` on the tiny model; it is a profile, not a target.
 
 A second table bounds what removing the planning's Python could gain: the same steps, alternating among
-DynamicCache, SinkCache and a SinkCache step reduced to its kernels (the hook only moves the step numbers on and
-rotates the sinks, through a rotation table it never rewrites, where the real step rewrites it every 8 steps with six
-small kernels; each layer's update only writes its new token, always into the same slot). The reduced step keeps
-no valid cache (its outputs are not used): it is a timing bound, not something a cache could ship.
+DynamicCache, SinkCache and a SinkCache step reduced to its kernels (the hook only hands out the position ids, which
+it never moves on, where the real step moves them with one ``add_`` every few steps; the first layer's update rotates
+the sinks through a rotation table it never rewrites, where the real step rewrites it every 8 steps with six small
+kernels; each layer's update writes its new token, always into the same slot). The reduced step keeps no valid cache
+(its outputs are not used): it is a timing bound, not something a cache could ship.
 """
 
 from __future__ import annotations
@@ -111,23 +112,23 @@ def kernels_only(window: int, steps: int) -> dict[str, float]:
     reduced = caches["kernels only"]
     assert reduced.ring is not None and len(reduced.groups) == 1, "the tiny model rolls in place in one group"
     group = reduced.groups[0]
-    (sink_slots, _), (sink_keys, swapped, _) = group.slot_views[0], group.sources[0]
+    [(sink_keys, swapped, sink_slots)] = group.rolling
     cos, sin = group.table.rows(group.table.first)
-    numbers, position_ids = reduced._numbers.kept, reduced._numbers.views[0]
-    index = reduced._numbers.views[1].clone()  # a fixed slot: the stored keys are not a cache's any more
-    assert numbers is not None
+    position_ids, index = reduced._numbers.views[0]
+    index = index.clone()  # a fixed slot: the stored keys are not a cache's any more
+    first_layer = group.layers[0]
 
     def hook(self: _PositionHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         if kwargs.get(CACHE_KWARG) is not reduced:
             return original_hook(self, module, args, kwargs)
-        numbers.add_(1)
-        torch.mul(sink_keys, cos, out=sink_slots).addcmul_(swapped, sin)
         kwargs["position_ids"] = position_ids
         return args, kwargs
 
     def update(self: SinkLayer, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if self.parent is not reduced:
             return original_update(self, key_states, value_states, *args, **kwargs)
+        if self is first_layer:
+            torch.mul(sink_keys, cos, out=sink_slots).addcmul_(swapped, sin)
         self.keys.index_copy_(2, index, key_states)
         self.values.index_copy_(2, index, value_states)
         return self.attending

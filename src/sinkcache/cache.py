@@ -39,7 +39,8 @@ Once every row's stream is longer than the window, one-token calls stop moving t
 after the previous call (a ring). The attended tokens are then no longer in stream order, which attention without a
 mask cannot tell: each key carries its position in its rotation, and the sum over keys does not depend on their
 order. The layers' views and the sinks' slots are then the same at every step, so a step creates no views and
-writes the sinks' keys only; this decode steady state has a short path of its own (``SinkCache._roll_one``). A
+writes the sinks' keys only; this decode steady state has a short path of its own (``SinkCache._roll_one``), whose
+sink rotation the group's first layer runs when it receives the step's keys (``LayerGroup.roll``). A
 chunk (``n > 1``) first rolls the ring back into stream order (its causal mask counts slot distances), and a model
 with a ``SinkLayer`` whose sliding or chunked attention window is shorter than ``window_length + 1`` never rolls
 in place, for the same reason; its buffer then keeps ``slack`` spare slots, so that compaction happens once every
@@ -79,6 +80,7 @@ from .rotary import RopeSpec, RotationTable, rotate
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
 TABLE_STEPS = 8  # the sinks' rotation table serves this many steps, then is rewritten (six small kernels)
+RUN_STEPS = 4  # one-token steps served by one fill of their numbers' tensor (StepNumbers)
 
 
 class NotEnabledError(RuntimeError):
@@ -87,7 +89,8 @@ class NotEnabledError(RuntimeError):
 
 @dataclass(slots=True)
 class StepPlan:
-    """What the layers need to apply one forward step; computed once per step by ``SinkCache.begin_step``.
+    """What the layers need to apply one forward step; computed once per step by ``SinkCache.begin_step`` (in the
+    decode steady state, the previous step's plan moved on in place: ``SinkCache._roll_one``).
 
     Slot numbers are absolute stream slots (``0, 1, ...`` over every column ever fed, padding included) unless said
     otherwise; buffer index = ``slot - base``.
@@ -110,33 +113,43 @@ class StepNumbers:
     """The numbers of a step that the model reads as tensors, on its device: the new tokens' position ids
     ``[1, n]``, their buffer indices ``[n]`` and, with static shapes, the causal mask's query offset ``[]``.
 
-    For one token (every decode step) they are views of one small tensor kept from step to step. Such a step mostly
-    moves every number on by one, and one ``add_`` then updates them all; otherwise each view is refilled. Making a
-    tensor or a view per step costs more, and decode steps of small models are bound by such per-call costs
-    (measured). A returned tensor is valid until the next call: each serves one forward call.
+    For one token (every decode step) they are views of one small tensor kept from step to step, ``[numbers,
+    RUN_STEPS]``: column ``i`` holds the numbers of the ``i``-th step of a run in which every number moves on by
+    one, and its views are made once. Such a step only hands out the next column's views; the run after it is one
+    ``add_``, and a step whose numbers jump (a ring's wrap, a re-base) refills the tensor with one ``arange`` per
+    number. A decode step of a small model is bound by per-call costs like these (a kernel or a view per step,
+    measured: see ``benchmarks/step_cost.py``). A returned tensor is valid until the tensor is refilled, at the
+    latest ``RUN_STEPS`` calls later: each serves one forward call.
     """
 
     def __init__(self) -> None:
-        self.kept: torch.Tensor | None = None  # one number per view: 2, or 3 with the query offset
-        self.views: tuple[torch.Tensor, ...] = ()
-        self.next: tuple[int, ...] = ()  # the numbers one add_ makes of the kept ones
+        self.kept: torch.Tensor | None = None  # [numbers, RUN_STEPS]: 2 numbers, or 3 with the query offset
+        self.views: list[tuple[torch.Tensor, ...]] = []  # per column: the views the model takes
+        self.run: list[tuple[int, ...]] = []  # per column: the numbers it holds
+        self.column = RUN_STEPS  # the column handed out last
+        self.device = _CPU  # where kept lives
 
     def __call__(self, numbers: tuple[int, ...], n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         if n > 1:
             positions, indices = (torch.arange(first, first + n, device=device) for first in numbers[:2])
             return positions[None], indices, *(torch.tensor(number, device=device) for number in numbers[2:])
-        kept = self.kept
-        if kept is None or kept.device != device:
-            kept = self.kept = torch.empty(len(numbers), dtype=torch.long, device=device)
-            self.views = (kept[:1].view(1, 1), kept[1:2], *kept[2:].unbind())
-            self.next = ()
-        if numbers == self.next:
-            kept.add_(1)
+        column, kept = self.column + 1, self.kept
+        if column < RUN_STEPS and numbers == self.run[column] and device == self.device:  # the run goes on
+            self.column = column
+            return self.views[column]
+        if kept is None or kept.shape[0] != len(numbers) or kept.device != device:
+            kept = self.kept = torch.empty(len(numbers), RUN_STEPS, dtype=torch.long, device=device)
+            self.views = [(kept[0, i : i + 1].view(1, 1), kept[1, i : i + 1], *kept[2:, i].unbind())
+                          for i in range(RUN_STEPS)]
+            self.run, self.device = [], device
+        if self.run and numbers == tuple(number + 1 for number in self.run[-1]):  # the next run
+            kept.add_(RUN_STEPS)
         else:
-            for view, number in zip(self.views, numbers):
-                view.fill_(number)
-        self.next = tuple(number + 1 for number in numbers)
-        return self.views
+            for row, number in zip(kept, numbers):
+                torch.arange(number, number + RUN_STEPS, out=row)
+        self.run = [tuple(number + i for number in numbers) for i in range(RUN_STEPS)]
+        self.column = 0
+        return self.views[0]
 
 
 class SlotMask:
@@ -318,6 +331,9 @@ class SinkLayer(StreamLayer):
         plan, key_states, value_states = _receive(self, key_states, value_states)
         if plan.capture is not None:
             self._capture_sinks(plan.capture, key_states, value_states)
+        group = self.group
+        if group is not None and group.pending is not None:
+            group.rotate_pending()
         index = plan.write_at if plan.write_at.device == self.device else plan.write_at.to(self.device)
         self.keys.index_copy_(2, index, key_states)  # one kernel each, where a slice assignment takes two
         self.values.index_copy_(2, index, value_states)
@@ -465,6 +481,7 @@ class LayerGroup:
 
     def __init__(self, layers: list[SinkLayer], shared: bool, moving: bool):
         self.layers, self.moving = layers, moving
+        self.pending: int | None = None  # the row of a rotation planned by roll, not yet run
         first = layers[0]
         self.table, self.inv_freq, self.dtype = first.table, first.inv_freq, first.dtype
         self.key_dim, self.value_dim = first.key_dim, first.value_dim
@@ -496,6 +513,7 @@ class LayerGroup:
         self.sink_slots: tuple[int, list[torch.Tensor]] = (-1, [])
         self.slot_views: list[tuple[torch.Tensor, torch.Tensor]] = []  # keys and values of those, when rolling
         self.values_at = -1  # the buffer index where the sinks' values were last written (they stay while rolling)
+        self.rolling: list[tuple[torch.Tensor, ...]] = []  # per unit, while they stay: sinks, swapped, their slots
         for g, layer in enumerate(self.layers):
             layer.group = self
             kv = units[0][2 * g : 2 * g + 2] if len(units) == 1 else units[g]
@@ -546,6 +564,29 @@ class LayerGroup:
                 if self.values_at != at:
                     values.copy_(sink_values)
             self.values_at = at
+            self.rolling = [(sink_keys, swapped, keys) for (keys, _), (sink_keys, swapped, _)
+                            in zip(self.slot_views, self.sources)]
+
+    def roll(self, at: int, row: int, length: int) -> None:
+        """One step rolling in place: the sinks' keys rotated in their slots from buffer index ``at`` to the
+        positions from ``row``, every layer attending to the ``length`` slots from ``at``. Once the slots' views are
+        made (first step, or re-made since: rows selected, sinks captured, slots moved), that is two kernels, which
+        the group's first layer runs when it receives the step's keys, before its attention reads them: right
+        after the model's own rotary kernels, they cost less than in the hook (measured on the tiny model, 1.3 % of
+        a step)."""
+        if self.values_at == at and self.attended == (at, length):
+            if self.rolling:
+                self.pending = row  # rotated by the group's first layer to receive the step (see rotate_pending)
+            return
+        if self.sink_keys.shape[-2]:
+            self.write_sinks(at, row, None)
+        self.attend(at, length)
+
+    def rotate_pending(self) -> None:
+        """Rotate the sinks as ``roll`` planned for this step (once; every layer of the group then sees them)."""
+        if self.pending is not None:
+            self.table.rotate_into(self.rolling, self.pending)
+            self.pending = None
 
     def _sink_slots(self, at: int) -> list[torch.Tensor]:
         """Every unit's view of the sinks' slots from buffer index ``at``; kept while ``at`` stays (rolling)."""
@@ -659,6 +700,7 @@ class SinkCache(Cache):
         self.ring: tuple[int, int] | None = None
         self.first_real: torch.Tensor | None = None  # [batch] absolute slot of each row's first real token
         self._first_min = self._first_max = _NO_TOKEN  # its extremes, as ints for the per-step fast path
+        self._rows = -1  # its length: the stream's batch size
         # the one-token calls' position ids and write indices, refilled in place, and the slot mask (_new_step_tensors)
         self._new_step_tensors()
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
@@ -686,6 +728,10 @@ class SinkCache(Cache):
             index 0 to the last attended one (CPU, bool), or ``None`` when every attended slot is valid. With static
             shapes the mask covers the whole buffer, on ``device``, and the next step updates it in place.
         """
+        if new_mask is not None and bool(new_mask.all()):
+            new_mask = None  # every new column is a real token
+        if self._steady(batch, num_new, new_mask, rope):
+            return self._roll_one(batch, device)
         if rope is not self.rope:
             if self.rope is not None and self.rope.model_id != rope.model_id:
                 raise ValueError("This SinkCache was used with another model; create one SinkCache per model.")
@@ -701,8 +747,6 @@ class SinkCache(Cache):
             raise ValueError("SinkCache: a forward call must contain at least one token.")
         new_mask = self._track_rows(batch, n, new_mask)
         assert self.first_real is not None
-        if self._steady(n, new_mask):
-            return self._roll_one(batch, device)
         t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
         region_start = self.policy.region_start(t)  # full rows: sinks here, window [region_start + sinks, t)
 
@@ -804,39 +848,40 @@ class SinkCache(Cache):
         at, origin = self.ring
         return at + self.num_sink_tokens + (t - origin) % (self.window_length + 1 - self.num_sink_tokens)
 
-    def _steady(self, num_new: int, new_mask: torch.Tensor | None) -> bool:
-        """Whether the step is one ``_roll_one`` serves: one token, all real, while rolling in place, no re-base due."""
-        return (self.ring is not None and num_new == 1 and new_mask is None
-                and self.seen + 1 - self.offset <= self._limit)
+    def _steady(self, batch: int, num_new: int, new_mask: torch.Tensor | None, rope: RopeSpec) -> bool:
+        """Whether ``_roll_one`` serves the step: one real token per row of the same batch, for the same model, while
+        rolling in place, with no re-base due and nothing that the general path's checks would act on (an
+        interrupted step, entering or leaving ``torch.inference_mode()``)."""
+        return (self.ring is not None and num_new == 1 and new_mask is None and rope is self.rope
+                and batch == self._rows and self.received == self.ready and self.seen + 1 - self.offset <= self._limit
+                and torch.is_inference_mode_enabled() == self._inference_tensors)
 
     def _roll_one(self, batch: int, device: torch.device) -> tuple[torch.Tensor, None]:
-        """``begin_step`` for one real token per row while the cache rolls in place and no re-base is due: the
-        decode steady state, reduced to what changes from step to step (``tests/test_positions.py`` checks that it
-        gives what the general path gives, bit for bit).
+        """``begin_step`` for the decode steady state (see ``_steady``), reduced to what changes from step to step
+        (``tests/test_positions.py`` checks that it gives what the general path gives, bit for bit).
 
         Nothing is relocated (the ring keeps its ``window_length + 1`` slots from buffer index ``at``, which fit
         since the step that formed it), no row gets sinks (every row is full) and the layers' views stay. The
         region moves on by one slot: the new token takes the slot of the token evicted after the previous call, and
-        the sinks are rotated to their next positions.
+        the sinks are rotated to their next positions. A decode step of a small model is bound by per-call costs,
+        so this is written flat: no call that the step does not need (measured: ``benchmarks/step_cost.py``).
         """
         assert self.ring is not None and self.plan is not None
-        t, window, sinks = self.seen, self.window_length, self.num_sink_tokens
-        at = self.ring[0]
-        region_start = t - window  # policy.region_start for t > window_length
+        t, at, plan = self.seen, self.ring[0], self.plan
+        region_start = t - self.window_length  # policy.region_start for t > window_length
         base = region_start - at
         position_ids, write_at = self._numbers((t - self.offset, self._ring_slot(t)), 1, device)
-        self.plan = StepPlan(
-            start=t, num_new=1, region_start=region_start, base=base, capacity=self.plan.capacity,
-            write_at=write_at, attend=slice(at, at + window + 1), new_mask=None, capture=None,
-            query_offset=t - base, real_from=self._first_max,
-        )
+        # The previous step's plan is one of the ring too (one token, no sinks to capture, no padding, the ring's
+        # slots attended): these are the only fields that move on, and updating them costs less than a new plan.
+        plan.start, plan.region_start, plan.base, plan.write_at, plan.query_offset = t, region_start, base, write_at, \
+            t - base
+        row = region_start - self.offset
         for group in self.groups:
-            if sinks:
-                group.write_sinks(at, region_start - self.offset, None)
-            group.attend(at, window + 1)
-        self._planned()
+            group.roll(at, row, self.window_length + 1)
+        self.steps += 1  # _planned
+        self.received = 0
         self.base, self.seen, self.stepping = base, t + 1, True
-        return (position_ids.expand(batch, 1).clone() if batch > 1 else position_ids), None
+        return (position_ids if batch == 1 else position_ids.expand(batch, 1).clone()), None
 
     def _planned(self) -> None:
         """A step is planned: every layer stores its keys once in it (see ``_receive``)."""
@@ -969,7 +1014,7 @@ class SinkCache(Cache):
 
     def _set_first_real(self, first_real: torch.Tensor) -> None:
         """Store each row's first real slot, with its extremes as ints for the per-step fast path."""
-        self.first_real = first_real
+        self.first_real, self._rows = first_real, first_real.shape[0]
         self._first_min, self._first_max = int(first_real.min()), int(first_real.max())
 
     def rotation_table(self, inv_freq: torch.Tensor, head_dim: int) -> RotationTable:
@@ -1037,6 +1082,12 @@ class SinkCache(Cache):
         transformers 5.0-5.3 build their mask from."""
         assert self.plan is not None
         return self.plan.query_offset + torch.arange(self.plan.num_new, device=device)
+
+    def rotate_pending(self) -> None:
+        """Run the sinks' rotations that this step planned for its layers' updates now (a compiled forward plans
+        outside its graph, which must not depend on the step's positions)."""
+        for group in self.groups:
+            group.rotate_pending()
 
     def end_step(self) -> None:
         """The model's forward of the planned step has returned (called by the hook where ``compat`` needs it)."""

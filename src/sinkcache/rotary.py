@@ -116,11 +116,20 @@ class RotationTable:
         ``swapped`` is ``swap_halves(keys)``, kept by the caller. Computed in float32 and rounded once into ``out``
         (any float dtype, may be a strided view) when given.
         """
+        if out is None:
+            cos, sin = self.rows(first)
+            return torch.addcmul(keys * cos, swapped, sin)
+        self.rotate_into([(keys, swapped, out)], first)
+        return out
+
+    def rotate_into(self, targets: list[tuple[torch.Tensor, ...]], first: int) -> None:
+        """``rotate(keys, first, swapped, out=out)`` for each ``(keys, swapped, out)`` of ``targets``."""
         cos, sin = self.rows(first)
-        if out is not None and out.dtype == torch.float32:  # straight into out, no temporary
-            return torch.mul(keys, cos, out=out).addcmul_(swapped, sin)
-        # float32 maths and one rounding into out: a lower-precision out must not hold the product alone
-        return torch.addcmul(keys * cos, swapped, sin, out=out)
+        for keys, swapped, out in targets:
+            if out.dtype == torch.float32:  # straight into out, no temporary
+                torch.mul(keys, cos, out=out).addcmul_(swapped, sin)
+            else:  # float32 maths and one rounding into out: a lower-precision out must not hold the product alone
+                torch.addcmul(keys * cos, swapped, sin, out=out)
 
 
 @dataclass(frozen=True)

@@ -511,9 +511,9 @@ class LayerGroup:
         self.attended: tuple[int, int] | None = None  # the slots of the layers' current views (see attend)
         # where write_sinks wrote last, and per unit the views it writes through (see _sink_slots)
         self.sink_slots: tuple[int, list[torch.Tensor]] = (-1, [])
-        self.slot_views: list[tuple[torch.Tensor, torch.Tensor]] = []  # keys and values of those, when rolling
         self.values_at = -1  # the buffer index where the sinks' values were last written (they stay while rolling)
-        self.rolling: list[tuple[torch.Tensor, ...]] = []  # per unit, while they stay: sinks, swapped, their slots
+        # per unit, while the sinks' slots stay (rolling): their unrotated keys, those swapped, their slots' keys
+        self.rolling: list[tuple[torch.Tensor, ...]] = []
         for g, layer in enumerate(self.layers):
             layer.group = self
             kv = units[0][2 * g : 2 * g + 2] if len(units) == 1 else units[g]
@@ -555,17 +555,14 @@ class LayerGroup:
             self.table.rotate(self.sink_keys, row, self.swapped, out=self.placed_keys)
             for slot, rows in zip(self._sink_slots(at), self.rows):
                 slot.copy_(self.placed[rows])
-        else:  # rolling in place: the slots stay, and so do the views of their keys and values
+        else:  # rolling in place: the slots stay, and so do the views of their keys (and the values in them)
             if self.values_at != at:
-                self.slot_views = [(slot[0::2, ..., : self.key_dim], slot[1::2, ..., : self.value_dim])
-                                   for slot in self._sink_slots(at)]
-            for (keys, values), (sink_keys, swapped, sink_values) in zip(self.slot_views, self.sources):
-                self.table.rotate(sink_keys, row, swapped, out=keys)
-                if self.values_at != at:
-                    values.copy_(sink_values)
-            self.values_at = at
-            self.rolling = [(sink_keys, swapped, keys) for (keys, _), (sink_keys, swapped, _)
-                            in zip(self.slot_views, self.sources)]
+                self.rolling = []
+                for slot, (sink_keys, swapped, sink_values) in zip(self._sink_slots(at), self.sources):
+                    slot[1::2, ..., : self.value_dim].copy_(sink_values)
+                    self.rolling.append((sink_keys, swapped, slot[0::2, ..., : self.key_dim]))
+                self.values_at = at
+            self.table.rotate_into(self.rolling, row)
 
     def roll(self, at: int, row: int, length: int) -> None:
         """One step rolling in place: the sinks' keys rotated in their slots from buffer index ``at`` to the
@@ -878,8 +875,7 @@ class SinkCache(Cache):
         row = region_start - self.offset
         for group in self.groups:
             group.roll(at, row, self.window_length + 1)
-        self.steps += 1  # _planned
-        self.received = 0
+        self._planned()
         self.base, self.seen, self.stepping = base, t + 1, True
         return (position_ids if batch == 1 else position_ids.expand(batch, 1).clone()), None
 
@@ -985,7 +981,8 @@ class SinkCache(Cache):
     def _track_rows(self, batch: int, n: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record where each row's real tokens start (left padding); refuse padding after a real token.
 
-        Returns the new columns' validity on the CPU, or ``None`` when all of them are real tokens.
+        ``new_mask`` is ``None`` when every new column is a real token (``begin_step`` checks). Returns the new
+        columns' validity on the CPU, or ``None`` when all of them are real tokens.
         """
         if self.first_real is not None and self.first_real.shape[0] != batch:
             raise ValueError(
@@ -994,8 +991,6 @@ class SinkCache(Cache):
             )
         if new_mask is not None:
             new_mask = new_mask.to("cpu", torch.bool)
-            if bool(new_mask.all()):
-                new_mask = None
         if new_mask is None and self._first_max < _NO_TOKEN:
             return None  # steady state: every row started, no padding
         t = self.seen

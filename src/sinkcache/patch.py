@@ -191,7 +191,7 @@ class _PositionHook:
         kwargs[self.keyword] = cache
         if self.legacy_mask and cache.static_shapes:
             raise ValueError(compat.LEGACY_MASK_STATIC)
-        positions_for_step = _positions_for_step_outside_graph if torch.compiler.is_compiling() else _positions_for_step
+        positions_for_step = _plan_outside_graph if torch.compiler.is_compiling() else _positions_for_step
         return (), positions_for_step(cache, kwargs, self.rope, module, self.with_cache_position, self.legacy_mask)
 
 
@@ -243,17 +243,15 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, decoder:
     return kwargs
 
 
+# Host-side planning: a compiled forward runs it eagerly and only ever sees its tensors. Eager calls skip the
+# wrapper, which costs a few microseconds per step.
+@torch.compiler.disable
 def _plan_outside_graph(cache: SinkCache, *args: Any) -> dict:
     """``_positions_for_step`` for a compiled forward, with the sinks' rotation that a step leaves to its layers'
     updates run here too: inside the graph it would depend on the step's positions."""
     kwargs = _positions_for_step(cache, *args)
     cache.rotate_pending()
     return kwargs
-
-
-# Host-side planning: a compiled forward runs it eagerly and only ever sees its tensors. Eager calls skip the
-# wrapper, which costs a few microseconds per step.
-_positions_for_step_outside_graph = torch.compiler.disable(_plan_outside_graph)
 
 
 class _StreamingGenerate:

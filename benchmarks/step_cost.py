@@ -19,10 +19,10 @@ This explains the throughput ratios of ``benchmarks/speed.py`` on the tiny model
 
 A second table bounds what removing the planning's Python could gain: the same steps, alternating among
 DynamicCache, SinkCache and a SinkCache step reduced to its kernels (the hook only hands out the position ids, which
-it never moves on, where the real step moves them with one ``add_`` every few steps; the first layer's update rotates
-the sinks through a rotation table it never rewrites, where the real step rewrites it every 8 steps with six small
-kernels; each layer's update writes its new token, always into the same slot). The reduced step keeps no valid cache
-(its outputs are not used): it is a timing bound, not something a cache could ship.
+it never moves on, where the real step moves them with one ``add_`` every few steps; the first layer's update
+rotates the sinks through a rotation table it never rewrites, where the real step rewrites it every 16 steps with
+four small kernels; each layer's update writes its new token, always into the same slot). The reduced step keeps no
+valid cache (its outputs are not used): it is a timing bound, not something a cache could ship.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def kernels_only(window: int, steps: int) -> dict[str, float]:
     reduced = caches["kernels only"]
     assert reduced.ring is not None and len(reduced.groups) == 1, "the tiny model rolls in place in one group"
     group = reduced.groups[0]
-    [(sink_keys, swapped, sink_slots)] = group.rolling
-    cos, sin = group.table.rows(group.table.first)
+    [(sink_keys, folded, sink_slots)] = group.rolling
+    cos, sin = group.table.row(group.table.first)
     position_ids, index = reduced._numbers.views[0]
     index = index.clone()  # a fixed slot: the stored keys are not a cache's any more
     first_layer = group.layers[0]
@@ -128,7 +128,7 @@ def kernels_only(window: int, steps: int) -> dict[str, float]:
         if self.parent is not reduced:
             return original_update(self, key_states, value_states, *args, **kwargs)
         if self is first_layer:
-            torch.mul(sink_keys, cos, out=sink_slots).addcmul_(swapped, sin)
+            torch.add(sink_keys * cos, folded * sin, out=sink_slots)
         self.keys.index_copy_(2, index, key_states)
         self.values.index_copy_(2, index, value_states)
         return self.attending

@@ -235,22 +235,20 @@ def test_oracle_detects_wrong_positions(monkeypatch):
     assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("head_dim", [16, 20])  # 20: partial rotary, 4 pass-through dimensions
-def test_rotation_table_rewritten_in_place_equals_rotation(head_dim):
-    """The sinks' table is rewritten in place every few steps; its rows must be exactly ``rotation``'s cos/sin (and
-    cos 1, sin 0 on pass-through dimensions) at every position, and its pre-made views must follow the rewrite."""
+def test_rotation_table_rewritten_in_place_equals_rotation():
+    """The sinks' table is rewritten in place every few steps; its rows must be exactly ``rotation``'s cos/sin at
+    every position, and its pre-made row views must follow the rewrite."""
     from sinkcache.rotary import RotationTable, rotation
 
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
-    table, size, rest = RotationTable(inv_freq, head_dim, count=4, ahead=8), 11, head_dim - 16
+    table = RotationTable(inv_freq, length=8)
     for first in (0, 1000, 123_456, 7, 20):  # each outside the previous table: a rewrite
-        cos, sin = table.rows(first)
-        want_cos, want_sin = rotation(torch.arange(first, first + size), inv_freq)
-        assert torch.equal(table.cos, torch.cat((want_cos, want_cos, torch.ones(size, rest)), -1))
-        assert torch.equal(table.sin, torch.cat((-want_sin, want_sin, torch.zeros(size, rest)), -1))
-        assert torch.equal(cos, table.cos[:4]) and torch.equal(sin, table.sin[:4])
-        later, _ = table.rows(first + 3)  # a later step of the same table: a view, no rewrite
-        assert table.first == first and torch.equal(later, table.cos[3:7])
+        cos, sin = table.row(first)
+        want_cos, want_sin = rotation(torch.arange(first, first + 8), inv_freq)
+        assert torch.equal(table.cos, want_cos) and torch.equal(table.sin, want_sin)
+        assert torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
+        last, _ = table.row(first + 7)  # a later step of the same table: a view, no rewrite
+        assert table.first == first and last.data_ptr() == table.cos[7].data_ptr()
 
 
 @pytest.mark.parametrize("count", [2, 3])  # 3: static shapes' query offset too
@@ -285,19 +283,21 @@ def test_step_numbers_are_the_aranges_whatever_the_sequence(count):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_sinks_rotated_into_storage_are_rounded_once(dtype):
-    """The sinks' keys are rotated in float32 straight into the storage's slots: in a lower-precision storage the
-    result must be the float32 rotation rounded once (never the product rounded, then the sum), in float32 the
-    rotation itself, also through a strided view of the storage."""
-    from sinkcache.rotary import RotationTable
+@pytest.mark.parametrize("head_dim", [16, 20])  # 20: partial rotary, 4 pass-through dimensions
+def test_sinks_rotated_into_storage_are_rounded_once(dtype, head_dim):
+    """The sinks' keys are rotated in float32 straight into the storage's slots, through a strided view of them: the
+    result must be ``rotate``'s float32 rotation bit for bit, rounded once in a lower-precision storage (never the
+    products rounded, then the sum), and the pass-through dimensions must not be written."""
+    from sinkcache.rotary import RotationTable, halves, rotate
 
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
-    table = RotationTable(inv_freq, 16, count=4, ahead=8)
-    keys = torch.randn(3, 2, 4, 16, generator=torch.Generator().manual_seed(0)) * 3
-    swapped = table.swap_halves(keys)
-    storage = torch.zeros(3, 2, 10, 16, dtype=dtype)
+    table = RotationTable(inv_freq, length=8)
+    keys = torch.randn(3, 2, 4, head_dim, generator=torch.Generator().manual_seed(0)) * 3
+    folded = table.fold(keys)
+    storage = torch.full((3, 2, 10, head_dim), 7.0, dtype=dtype)
     out = storage[:, :, 5:9]  # a strided view, as the sinks' slots of a buffer
-    for first in (0, 5, 1000):
-        want = table.rotate(keys, first, swapped)  # float32, no out
-        table.rotate(keys, first, swapped, out=out)
-        assert torch.equal(out, want.to(dtype))
+    for position in (0, 5, 1000):
+        table.rotate(halves(keys, 8), folded, position, halves(out, 8))
+        want = rotate(keys, torch.tensor(position), inv_freq)
+        assert torch.equal(out[..., :16], want[..., :16].to(dtype))
+        assert bool((out[..., 16:] == 7).all()) and bool((storage[:, :, :5] == 7).all())

@@ -21,15 +21,15 @@ transformers apply unchanged (slot distance == in-cache distance).
 * Positions are ``slot - offset``: window keys keep the rotation they were given when they arrived, and the query
   gets the next position, so their distances are right without touching them.
 * The sinks are the only tokens that move: each step they are written into the ``num_sink_tokens`` slots just
-  before the oldest window token, rotated in float32 from a stored copy of their *unrotated* keys (one rounding,
-  however long the stream).
+  before the oldest window token, rotated in float32 from a stored float32 copy of their keys at positions
+  ``0 .. num_sink_tokens - 1`` (so that one rotation moves them all; one rounding, however long the stream).
 * When the new tokens do not fit, the live slice is copied back to the start of the buffer (compaction). More than
   ``window_length`` tokens apart, the offset is re-based so that positions stay below ``2 * window_length`` plus
   the call's tokens: a window key (of either layer kind) is re-rotated (float32, one rounding) at most once in its
   life. Per one-token step the work is O(sinks + 1) per layer.
 * After the first step, ``SinkLayer`` s with the same storage shapes form a ``LayerGroup`` whose buffers are one
-  tensor: ``begin_step`` then rotates every layer's sinks with two kernels and makes every layer's views with two
-  operations, and a layer's ``update`` only writes the new keys and values (one ``index_copy_`` each, through an
+  tensor: ``begin_step`` then rotates every layer's sinks with three kernels and makes every layer's views with
+  two operations, and a layer's ``update`` only writes the new keys and values (one ``index_copy_`` each, through an
   index that ``begin_step`` made once for all layers).
 
 Rolling in place
@@ -75,11 +75,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import compat
 from .policy import Policy
-from .rotary import RopeSpec, RotationTable, rotate
+from .rotary import RopeSpec, RotationTable, halves, rotate
 
 _NO_TOKEN = 2**62  # first_real value of a row that has only seen padding
 _CPU = torch.device("cpu")
-TABLE_STEPS = 8  # the sinks' rotation table serves this many steps, then is rewritten (six small kernels)
+TABLE_STEPS = 16  # the sinks' rotation table serves this many steps, then is rewritten (four small kernels)
 RUN_STEPS = 4  # one-token steps served by one fill of their numbers' tensor (StepNumbers)
 
 
@@ -284,7 +284,7 @@ class SinkLayer(StreamLayer):
     kv: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
-    sink_keys: torch.Tensor  # [batch, heads, sinks, head_dim] float32, unrotated
+    sink_keys: torch.Tensor  # [batch, heads, sinks, head_dim] float32, sink j at position j
     sink_values: torch.Tensor
     inv_freq: torch.Tensor
     table: RotationTable
@@ -305,7 +305,7 @@ class SinkLayer(StreamLayer):
                       key_states.new_zeros(batch, heads, sinks, head_dim, dtype=torch.float32),
                       value_states.new_zeros(batch, heads, sinks, self.value_dim))
         self.inv_freq = parent.rope.frequencies(self.layer_idx, self.device)
-        self.table = parent.rotation_table(self.inv_freq, head_dim)
+        self.table = parent.rotation_table(self.inv_freq)
         self.is_initialized = True
 
     def point_to(self, kv: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor) -> None:
@@ -343,9 +343,10 @@ class SinkLayer(StreamLayer):
 
     def _capture_sinks(self, capture: tuple[torch.Tensor, ...], key_states: torch.Tensor,
                        value_states: torch.Tensor) -> None:
-        """Keep an unrotated float32 copy of each row's first tokens: every later sink write starts from it."""
+        """Keep a float32 copy of each row's first tokens, sink ``j`` moved from its position to position ``j``:
+        every later sink write starts from it."""
         rows, ids, cols, positions = (t.to(self.device) for t in capture)
-        self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], -positions[:, None], self.inv_freq)
+        self.sink_keys[rows, :, ids] = rotate(key_states[rows, :, cols], (ids - positions)[:, None], self.inv_freq)
         self.sink_values[rows, :, ids] = value_states[rows, :, cols]
         if self.group is not None:
             self.group.sinks_changed, self.group.values_at = True, -1
@@ -492,27 +493,30 @@ class LayerGroup:
                   torch.stack([layer.sink_values for layer in layers]))
 
     def _set(self, units: list[torch.Tensor], sink_keys: torch.Tensor, sink_values: torch.Tensor,
-             swapped: torch.Tensor | None = None, placed: torch.Tensor | None = None) -> None:
+             folded: torch.Tensor | None = None, placed: torch.Tensor | None = None) -> None:
         self.units, self.sink_keys, self.sink_values = units, sink_keys, sink_values
-        if swapped is None:
+        if folded is None:
             # Allocated here so that the cache's size is fixed from the group's first step (SinkCache.nbytes), and
-            # written when the sinks changed: the sinks' keys with their rotary halves swapped and, where the sinks
-            # move every step (``moving``: the cache does not roll in place), this step's sinks (keys and values,
-            # rows laid out as in the units), copied into each unit with one copy.
-            swapped = torch.empty_like(sink_keys)
+            # written when the sinks changed: the sinks' folded keys (RotationTable.fold) and, where the sinks move
+            # every step (``moving``: the cache does not roll in place), this step's sinks (keys and values, rows
+            # laid out as in the units), copied into each unit with one copy.
+            folded = sink_keys.new_empty(*sink_keys.shape[:-1], 2, self.table.half)
             shape = (2 * len(self.layers), *units[0].shape[1:3], sink_keys.shape[-2], units[0].shape[-1])
             placed = units[0].new_zeros(shape) if self.moving else None
             self.sinks_changed = True
-        self.swapped, self.placed = swapped, placed
-        self.placed_keys = None if placed is None else placed[0::2, ..., : self.key_dim]
-        # per unit, the sinks' keys, swapped keys and values of its layers
+        self.folded, self.placed = folded, placed
+        self.placed_rotary = None if placed is None else halves(placed[0::2, ..., : self.key_dim], self.table.half)
+        # per unit, the sinks' keys, folded keys and values of its layers
         layers = [slice(rows.start // 2, rows.stop // 2) for rows in self.rows]
-        self.sources = [(sink_keys[g], swapped[g], sink_values[g]) for g in layers]
+        self.sources = [(sink_keys[g], folded[g], sink_values[g]) for g in layers]
         self.attended: tuple[int, int] | None = None  # the slots of the layers' current views (see attend)
         # where write_sinks wrote last, and per unit the views it writes through (see _sink_slots)
         self.sink_slots: tuple[int, list[torch.Tensor]] = (-1, [])
-        self.values_at = -1  # the buffer index where the sinks' values were last written (they stay while rolling)
-        # per unit, while the sinks' slots stay (rolling): their unrotated keys, those swapped, their slots' keys
+        # the buffer index where the sinks' values and pass-through key dimensions were last written: rolling in
+        # place they stay, and a step rotates the keys' rotary dimensions only
+        self.values_at = -1
+        # per unit, while the sinks' slots stay (rolling): the rotary halves of the sinks' keys, their folded keys
+        # and their slots' keys
         self.rolling: list[tuple[torch.Tensor, ...]] = []
         for g, layer in enumerate(self.layers):
             layer.group = self
@@ -534,40 +538,47 @@ class LayerGroup:
     def write_sinks(self, at: int, row: int, full_rows: torch.Tensor | None) -> None:
         """Put the sinks in buffer slots ``at ..`` at positions ``row ..``; only in ``full_rows`` if given.
 
-        The keys are rotated from their unrotated float32 copy (one rounding, however long the stream), for all of
-        the group's layers at once. Rolling in place, they are rotated straight into the sinks' slots, which keep
-        the values; otherwise into ``placed``, copied into each unit with its values.
+        The keys are rotated by ``row`` from their float32 copy at positions ``0 ..`` (one rounding, however long
+        the stream), for all of the group's layers at once. Rolling in place, they are rotated straight into the
+        sinks' slots, which keep the values; otherwise into ``placed``, copied into each unit with its values.
         """
+        half = self.table.half
         if self.sinks_changed:
-            self.swapped.copy_(self.table.swap_halves(self.sink_keys))
-            if self.placed is not None:
+            self.folded.copy_(self.table.fold(self.sink_keys))
+            if self.placed is not None:  # the values, and the keys' pass-through dimensions (no rotation writes them)
+                self.placed[0::2, ..., : self.key_dim] = self.sink_keys
                 self.placed[1::2, ..., : self.value_dim] = self.sink_values
             self.sinks_changed = False
+        keys = halves(self.sink_keys, half)
         if full_rows is not None:  # some rows are not full yet: there, these slots hold their own tokens
             full = full_rows.to(self.sink_keys.device)[None, :, None, None, None]
-            rotated = self.table.rotate(self.sink_keys, row, self.swapped)
+            rotated = self.sink_keys.clone()
+            self.table.rotate(keys, self.folded, row, halves(rotated, half))
             for slot, rows, (_, _, sink_values) in zip(self._sink_slots(at), self.rows, self.sources):
                 keys, values = slot[0::2, ..., : self.key_dim], slot[1::2, ..., : self.value_dim]
                 keys.copy_(torch.where(full, rotated[rows.start // 2 : rows.stop // 2], keys))
                 values.copy_(torch.where(full, sink_values, values))
             self.values_at = -1
         elif self.placed is not None:
-            self.table.rotate(self.sink_keys, row, self.swapped, out=self.placed_keys)
+            assert self.placed_rotary is not None
+            self.table.rotate(keys, self.folded, row, self.placed_rotary)
             for slot, rows in zip(self._sink_slots(at), self.rows):
                 slot.copy_(self.placed[rows])
         else:  # rolling in place: the slots stay, and so do the views of their keys (and the values in them)
             if self.values_at != at:
                 self.rolling = []
-                for slot, (sink_keys, swapped, sink_values) in zip(self._sink_slots(at), self.sources):
+                for slot, (sink_keys, folded, sink_values) in zip(self._sink_slots(at), self.sources):
+                    slot_keys = slot[0::2, ..., : self.key_dim]
                     slot[1::2, ..., : self.value_dim].copy_(sink_values)
-                    self.rolling.append((sink_keys, swapped, slot[0::2, ..., : self.key_dim]))
+                    slot_keys[..., 2 * half :].copy_(sink_keys[..., 2 * half :])  # pass-through: never rotated
+                    self.rolling.append((halves(sink_keys, half), folded, halves(slot_keys, half)))
                 self.values_at = at
             self.table.rotate_into(self.rolling, row)
 
     def roll(self, at: int, row: int, length: int) -> None:
         """One step rolling in place: the sinks' keys rotated in their slots from buffer index ``at`` to the
         positions from ``row``, every layer attending to the ``length`` slots from ``at``. Once the slots' views are
-        made (first step, or re-made since: rows selected, sinks captured, slots moved), that is two kernels, which
+        made (first step, or re-made since: rows selected, sinks captured, slots moved), that is three kernels, which
         the group's first layer runs when it receives the step's keys, before its attention reads them: right
         after the model's own rotary kernels, they cost less than in the hook (measured on the tiny model, 1.3 % of
         a step)."""
@@ -610,7 +621,7 @@ class LayerGroup:
         for unit in self.units:
             units.append(unit.new_zeros(*unit.shape[:-2], capacity, unit.shape[-1]))
             units[-1][..., :live, :] = unit[..., src, :]
-        self._set(units, self.sink_keys, self.sink_values, self.swapped, self.placed)
+        self._set(units, self.sink_keys, self.sink_values, self.folded, self.placed)
 
     def rebase(self, live: slice, shift: int) -> None:
         """Positions drop by ``shift``: rotate the live window keys back once (float32, one rounding)."""
@@ -675,8 +686,8 @@ class SinkCache(Cache):
         self.rolls_in_place = False
         self.rope: RopeSpec | None = None
         self._limit = 0  # positions of one-token calls stay below this (_position_limit; set with the rope)
-        # (inv_freq, its table) by (id(inv_freq), device, head_dim); holding inv_freq keeps its id from being reused
-        self._tables: dict[tuple[int, torch.device, int], tuple[torch.Tensor, RotationTable]] = {}
+        # (inv_freq, its table) by (id(inv_freq), device); holding inv_freq keeps its id from being reused
+        self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, RotationTable]] = {}
         self._inference_tensors = False  # a step ran under torch.inference_mode(): see _leave_inference_mode
         self.reset()
 
@@ -895,9 +906,9 @@ class SinkCache(Cache):
         the layers' storage views of their group's units (``LayerGroup._set``), or of their own buffers before the
         groups form, and the cached views (attended slices, sinks' slots, rotation runs) and step tensors."""
         for group in self.groups:
-            swapped, changed = own(group.swapped), group.sinks_changed
+            folded, changed = own(group.folded), group.sinks_changed
             placed = None if group.placed is None else own(group.placed)
-            group._set([own(unit) for unit in group.units], own(group.sink_keys), own(group.sink_values), swapped,
+            group._set([own(unit) for unit in group.units], own(group.sink_keys), own(group.sink_values), folded,
                        placed)
             group.sinks_changed = changed
         for layer in self.layers:
@@ -909,7 +920,6 @@ class SinkCache(Cache):
             if layer.is_initialized and layer.group is None:
                 layer.point_to(own(layer.kv), own(layer.sink_keys), own(layer.sink_values))
         for _, table in self._tables.values():
-            table.partner = own(table.partner)
             table.allocate()
             table._build(table.first)
         self._new_step_tensors()
@@ -1012,16 +1022,16 @@ class SinkCache(Cache):
         self.first_real, self._rows = first_real, first_real.shape[0]
         self._first_min, self._first_max = int(first_real.min()), int(first_real.max())
 
-    def rotation_table(self, inv_freq: torch.Tensor, head_dim: int) -> RotationTable:
+    def rotation_table(self, inv_freq: torch.Tensor) -> RotationTable:
         """The table of sink rotations for one frequency set, built on first use.
 
-        Sinks sit at positions ``region_start - offset + j``, one further every step: a table of
-        ``num_sink_tokens + TABLE_STEPS - 1`` rows serves ``TABLE_STEPS`` steps.
+        Sinks sit at positions ``region_start - offset + j``, one further every step: their rotation by
+        ``region_start - offset`` takes one row per step, and a table of ``TABLE_STEPS`` rows serves as many steps.
         """
-        key = (id(inv_freq), inv_freq.device, head_dim)
+        key = (id(inv_freq), inv_freq.device)
         entry = self._tables.get(key)
         if entry is None or entry[0] is not inv_freq:  # a copied cache's keys name objects of the original
-            table = RotationTable(inv_freq, head_dim, self.num_sink_tokens, TABLE_STEPS)
+            table = RotationTable(inv_freq, TABLE_STEPS)
             entry = self._tables[key] = inv_freq, table
         return entry[1]
 
@@ -1090,11 +1100,11 @@ class SinkCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (buffers, the sinks' copies and swapped halves, the sliding layers'
+        """Bytes of every tensor the cache holds (buffers, the sinks' copies and folded keys, the sliding layers'
         tokens, rotation tables, the one-token calls' position ids and indices, the slot mask of static shapes, each
         row's first real slot), each storage counted once."""
         tensors = [t for group in self.groups
-                   for t in (*group.units, group.sink_keys, group.sink_values, group.swapped, group.placed)
+                   for t in (*group.units, group.sink_keys, group.sink_values, group.folded, group.placed)
                    if t is not None]
         for layer in self.layers:
             if isinstance(layer, SlidingLayer):

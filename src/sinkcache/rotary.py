@@ -54,82 +54,82 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
     return apply_rotation(keys, *rotation(positions.to(keys.device), inv_freq))
 
 
-class RotationTable:
-    """cos/sin at full head width for a run of consecutive positions, so that rotating the sinks is two products and
-    a sum: ``rotated = keys * cos + keys[..., partner] * sin``, where ``partner`` swaps the two rotary halves and the
-    pass-through dimensions get cos 1, sin 0.
+def halves(keys: torch.Tensor, half: int) -> torch.Tensor:
+    """The rotary dimensions of ``keys [..., head_dim]`` as ``[..., 2, half]`` (a view): row 0 the first of each
+    rotated pair, row 1 the second. The pass-through dimensions past ``2 * half`` are left out."""
+    return keys[..., : 2 * half].unflatten(-1, (2, half))
 
-    The sinks' positions move on by one per step, so the table holds ``count + ahead - 1`` rows from ``first``: the
-    rows of ``ahead`` consecutive steps, whose views are made once. When a step needs positions outside them (every
-    ``ahead`` steps) the table is rewritten in place: the same angles as ``rotation`` (float64), in six small
-    kernels, and the views stay valid. Its size does not grow with the cache.
+
+class RotationTable:
+    """cos/sin for a run of consecutive positions, one row of ``r / 2`` per position, for moving the sinks.
+
+    The sinks are stored rotated to positions ``0, 1, ..`` (sink ``j`` at position ``j``), so moving all of them to
+    the positions ``p, p + 1, ..`` is one rotation by ``p``: one row serves every sink, and consecutive steps use
+    consecutive rows. The table holds ``length`` rows from ``first``, one view per row made once; a position outside
+    them rewrites the table in place (four small kernels; the views stay valid). Its size does not grow with the
+    cache.
+
+    The rotation works on the rotary dimensions seen as ``[..., 2, r / 2]`` (``halves``), with the sines' signs
+    folded into the partner keys (``fold``: ``(-x2, x1)``), so that both halves take the same row:
+    ``rotated = keys * cos + folded * sin``. That is transformers' ``rotate_half`` form, and a rotation only ever
+    writes the rotary dimensions.
     """
 
-    def __init__(self, inv_freq: torch.Tensor, head_dim: int, count: int, ahead: int):
-        half = inv_freq.shape[-1]
-        self.inv_freq, self.head_dim, self.count, self.ahead = inv_freq, head_dim, count, ahead
-        self.partner = torch.cat((torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)))
-        self.partner = self.partner.to(inv_freq.device)
+    def __init__(self, inv_freq: torch.Tensor, length: int):
+        self.inv_freq, self.half, self.length = inv_freq, inv_freq.shape[-1], length
         self.allocate()
         self._build(0)  # the table has its size from the start (SinkCache.nbytes)
 
     def allocate(self) -> None:
         """(Re)make the table's tensors and their views; ``_build`` then fills them. Also what a copy of the cache
         needs (views do not survive pickling) and what leaving ``torch.inference_mode()`` needs."""
-        size, half, device = self.count + self.ahead - 1, self.inv_freq.shape[-1], self.inv_freq.device
-        self.cos = torch.ones(size, self.head_dim, device=device)  # pass-through dimensions: cos 1, sin 0
-        self.sin = torch.zeros(size, self.head_dim, device=device)
-        # the two rotary halves of every row, written together: cos on both, -sin on the first and sin on the second
-        self._cos_halves = self.cos[:, : 2 * half].view(size, 2, half)
-        self._sin_halves = self.sin[:, : 2 * half].view(size, 2, half)
-        self._signs = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=device)
-        self._row_numbers = torch.arange(size, dtype=torch.float64, device=device)
+        device = self.inv_freq.device
+        self.cos = torch.empty(self.length, self.half, device=device)
+        self.sin = torch.empty(self.length, self.half, device=device)
         self._inv_freq64 = self.inv_freq.to(torch.float64)
-        # the rows of each of the `ahead` steps: overlapping windows of the table, views made by one unbind each
-        self.runs = tuple(zip(*(t.unfold(0, self.count, 1).transpose(1, 2).unbind(0) for t in (self.cos, self.sin))))
+        self.rows = tuple(zip(self.cos.unbind(0), self.sin.unbind(0)))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor the table holds (``SinkCache.nbytes``)."""
-        return self.cos, self.sin, self.partner, self._signs, self._row_numbers, self._inv_freq64
+        return self.cos, self.sin, self._inv_freq64
 
     def _build(self, first: int) -> None:
-        """Rewrite the table for the positions ``first ..``: angles ``(first + row) * inv_freq`` in float64, as
-        ``rotation`` forms them (exact integers times the frequencies), rounded once to float32."""
-        angles = torch.outer(self._row_numbers.add(first), self._inv_freq64)
-        self._cos_halves.copy_(angles.cos()[:, None])
-        torch.mul(angles.sin()[:, None], self._signs, out=self._sin_halves)
+        """Rewrite the table for the positions ``first ..``: angles ``position * inv_freq`` in float64, as
+        ``rotation`` forms them, rounded once to float32."""
+        positions = torch.arange(first, first + self.length, dtype=torch.float64, device=self.cos.device)
+        angles = torch.outer(positions, self._inv_freq64)
+        torch.cos(angles, out=self.cos)
+        torch.sin(angles, out=self.sin)
         self.first = first
 
-    def rows(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[count, head_dim]`` float32, for the positions ``first .. first + count - 1``."""
-        if not 0 <= first - self.first < self.ahead:
-            self._build(first)
-        return self.runs[first - self.first]
+    def row(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[r / 2]`` float32, of a rotation by ``position``."""
+        if not 0 <= position - self.first < self.length:
+            self._build(position)
+        return self.rows[position - self.first]
 
-    def swap_halves(self, keys: torch.Tensor) -> torch.Tensor:
-        """``keys[..., partner]``: the rotary halves swapped, which the rotation multiplies by the sines."""
-        return keys[..., self.partner]
+    def fold(self, keys: torch.Tensor) -> torch.Tensor:
+        """``halves(keys)`` with the pairs' partners swapped and signed, ``(-x2, x1)``, float32: the factor of the
+        sines in ``rotate``."""
+        pairs = halves(keys.float(), self.half)
+        return torch.stack((-pairs[..., 1, :], pairs[..., 0, :]), dim=-2)
 
-    def rotate(self, keys: torch.Tensor, first: int, swapped: torch.Tensor, out: torch.Tensor | None = None):
-        """Rotate float32 ``keys [..., count, head_dim]`` to the consecutive positions from ``first``.
-
-        ``swapped`` is ``swap_halves(keys)``, kept by the caller. Computed in float32 and rounded once into ``out``
-        (any float dtype, may be a strided view) when given.
-        """
-        if out is None:
-            cos, sin = self.rows(first)
-            return torch.addcmul(keys * cos, swapped, sin)
-        self.rotate_into([(keys, swapped, out)], first)
+    def rotate(self, keys: torch.Tensor, folded: torch.Tensor, position: int, out: torch.Tensor) -> torch.Tensor:
+        """Rotate float32 ``keys`` by ``position`` into ``out``, where ``keys``, ``folded`` (``fold(keys)``) and
+        ``out`` (any float dtype, may be a strided view) are ``halves`` ``[..., 2, r / 2]``. Computed in float32 and
+        rounded once into ``out``."""
+        self.rotate_into([(keys, folded, out)], position)
         return out
 
-    def rotate_into(self, targets: list[tuple[torch.Tensor, ...]], first: int) -> None:
-        """``rotate(keys, first, swapped, out=out)`` for each ``(keys, swapped, out)`` of ``targets``."""
-        cos, sin = self.rows(first)
-        for keys, swapped, out in targets:
-            if out.dtype == torch.float32:  # straight into out, no temporary
-                torch.mul(keys, cos, out=out).addcmul_(swapped, sin)
-            else:  # float32 maths and one rounding into out: a lower-precision out must not hold the product alone
-                torch.addcmul(keys * cos, swapped, sin, out=out)
+    def rotate_into(self, targets: list[tuple[torch.Tensor, ...]], position: int) -> None:
+        """``rotate(keys, folded, position, out)`` for each ``(keys, folded, out)`` of ``targets``.
+
+        Out-of-place products and an ``add`` into ``out``: the kernels the model's own rotary embedding has just
+        run. In a decode step of the tiny model they cost a little less than ``mul`` into ``out`` and ``addcmul_``
+        (about 0.3 % of the step, side by side), which the model never runs."""
+        cos, sin = self.row(position)
+        for keys, folded, out in targets:
+            torch.add(keys * cos, folded * sin, out=out)
 
 
 @dataclass(frozen=True)

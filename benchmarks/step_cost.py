@@ -23,6 +23,13 @@ it never moves on, where the real step moves them with one ``add_`` every few st
 rotates the sinks through a rotation table it never rewrites, where the real step rewrites it every 16 steps with
 four small kernels; each layer's update writes its new token, always into the same slot). The reduced step keeps no
 valid cache (its outputs are not used): it is a timing bound, not something a cache could ship.
+
+A third table shows what the step before costs. ``benchmarks/speed.py`` interleaves the two caches token by token
+(so that a slow spell of the machine hits both), which puts every step of one cache right after a step of the other,
+where real decoding runs one cache's steps back to back. Here two DynamicCaches and two SinkCaches run every step in
+a fixed order (DynamicCache, DynamicCache, SinkCache, SinkCache), so that of each kind one cache always follows a step
+of the other kind and one a step of its own kind; the two caches of a kind swap places halfway, so that each cache
+(and its memory placement) is measured in both. The table gives the median step in each place.
 """
 
 from __future__ import annotations
@@ -151,6 +158,33 @@ def kernels_only(window: int, steps: int) -> dict[str, float]:
     return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
 
 
+@torch.no_grad()
+def after_which_step(window: int, steps: int) -> dict[str, float]:
+    """Median microseconds of each cache's step after a step of the other kind and after one of its own kind (see the
+    module docstring)."""
+    model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
+    ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
+    sinks, dynamics = [SinkCache(window, SINKS), SinkCache(window, SINKS)], [DynamicCache(), DynamicCache()]
+    for cache in sinks:
+        model(input_ids=ids[:, :window], **{CACHE_KWARG: cache})
+        model(input_ids=ids[:, 64:], **{CACHE_KWARG: cache})  # past the window: every step evicts
+    for cache in dynamics:
+        model(input_ids=ids[:, -window:], **{CACHE_KWARG: cache})
+    names = ("dynamic after sink", "dynamic after dynamic", "sink after dynamic", "sink after sink")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for step in range(steps):
+        token = ids[:, step % ids.shape[1]][:, None]
+        swap = step >= steps // 2  # each cache, and its memory placement, in both places
+        order = (*dynamics[:: -1 if swap else 1], *sinks[:: -1 if swap else 1])
+        for name, cache in zip(names, order):
+            start = time.perf_counter()
+            model(input_ids=token, **{CACHE_KWARG: cache})
+            samples[name].append(time.perf_counter() - start)
+            if isinstance(cache, DynamicCache):
+                cache.crop(-1)
+    return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
+
+
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 1024, 4096], help="cache sizes W (tokens)")
@@ -175,6 +209,16 @@ def main(argv: Iterable[str] | None = None) -> None:
         us = kernels_only(window, args.steps)
         print(f"| {window} | {us['dynamic']:.0f} / {us['sink']:.0f} / {us['kernels only']:.0f} | "
               f"{us['dynamic'] / us['sink']:.3f} / {us['dynamic'] / us['kernels only']:.3f} |", flush=True)
+    print()
+    print("| W | step µs after the other kind: DynamicCache / SinkCache | after its own kind: DynamicCache / SinkCache "
+          "| throughput vs DynamicCache: after the other kind / after its own kind |")
+    print("|---:|---:|---:|---:|")
+    for window in args.sizes:
+        us = after_which_step(window, args.steps)
+        crossed, own = (us["dynamic after sink"], us["sink after dynamic"]), (us["dynamic after dynamic"],
+                                                                             us["sink after sink"])
+        print(f"| {window} | {crossed[0]:.0f} / {crossed[1]:.0f} | {own[0]:.0f} / {own[1]:.0f} | "
+              f"{crossed[0] / crossed[1]:.3f} / {own[0] / own[1]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -549,11 +549,11 @@ class LayerGroup:
                 self.placed[0::2, ..., : self.key_dim] = self.sink_keys
                 self.placed[1::2, ..., : self.value_dim] = self.sink_values
             self.sinks_changed = False
-        keys = halves(self.sink_keys, half)
+        rotary = halves(self.sink_keys, half)  # the dimensions a rotation reads and writes
         if full_rows is not None:  # some rows are not full yet: there, these slots hold their own tokens
             full = full_rows.to(self.sink_keys.device)[None, :, None, None, None]
             rotated = self.sink_keys.clone()
-            self.table.rotate(keys, self.folded, row, halves(rotated, half))
+            self.table.rotate(rotary, self.folded, row, halves(rotated, half))
             for slot, rows, (_, _, sink_values) in zip(self._sink_slots(at), self.rows, self.sources):
                 keys, values = slot[0::2, ..., : self.key_dim], slot[1::2, ..., : self.value_dim]
                 keys.copy_(torch.where(full, rotated[rows.start // 2 : rows.stop // 2], keys))
@@ -561,7 +561,7 @@ class LayerGroup:
             self.values_at = -1
         elif self.placed is not None:
             assert self.placed_rotary is not None
-            self.table.rotate(keys, self.folded, row, self.placed_rotary)
+            self.table.rotate(rotary, self.folded, row, self.placed_rotary)
             for slot, rows in zip(self._sink_slots(at), self.rows):
                 slot.copy_(self.placed[rows])
         else:  # rolling in place: the slots stay, and so do the views of their keys (and the values in them)

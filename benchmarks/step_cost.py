@@ -72,16 +72,27 @@ class Timer:
         return timed
 
 
+def streams(window: int, sinks: int, dynamics: int) -> tuple[Any, torch.Tensor, list[SinkCache], list[DynamicCache]]:
+    """The tiny model streaming with cache size ``window``, its token ids (``window + 64``), ``sinks`` SinkCaches
+    rolling in place past their window and ``dynamics`` DynamicCaches holding ``window`` tokens."""
+    model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
+    ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
+    sink_caches, dynamic_caches = [SinkCache(window, SINKS) for _ in range(sinks)], [DynamicCache()
+                                                                                   for _ in range(dynamics)]
+    for cache in sink_caches:
+        model(input_ids=ids[:, :window], **{CACHE_KWARG: cache})
+        model(input_ids=ids[:, 64:], **{CACHE_KWARG: cache})  # past the window: every step evicts
+        model(input_ids=ids[:, :1], **{CACHE_KWARG: cache})  # one token: rolling in place from here on
+    for dynamic in dynamic_caches:
+        model(input_ids=ids[:, -window:], **{CACHE_KWARG: dynamic})
+    return model, ids, sink_caches, dynamic_caches
+
+
 @torch.no_grad()
 def profile(window: int, steps: int) -> dict[str, float]:
     """Median microseconds per step of each timed part, for both caches."""
     timer = Timer()
-    model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
-    ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
-    sink, dynamic = SinkCache(window, SINKS), DynamicCache()
-    model(input_ids=ids[:, :window], **{CACHE_KWARG: sink})
-    model(input_ids=ids[:, 64:], **{CACHE_KWARG: sink})  # past the window: every step evicts
-    model(input_ids=ids[:, -window:], **{CACHE_KWARG: dynamic})
+    model, ids, [sink], [dynamic] = streams(window, 1, 1)
     originals = (sinkcache.patch._positions_for_step, SinkLayer.update, DynamicLayer.update)
     sinkcache.patch._positions_for_step = timer.wrap("plan", originals[0])
     SinkLayer.update = timer.wrap("update", originals[1])  # type: ignore[method-assign]
@@ -108,15 +119,8 @@ def profile(window: int, steps: int) -> dict[str, float]:
 @torch.no_grad()
 def kernels_only(window: int, steps: int) -> dict[str, float]:
     """Median microseconds per step of DynamicCache, SinkCache and SinkCache's step reduced to its kernels."""
-    model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
-    ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
-    caches = {"sink": SinkCache(window, SINKS), "kernels only": SinkCache(window, SINKS), "dynamic": DynamicCache()}
-    for name in ("sink", "kernels only"):
-        model(input_ids=ids[:, :window], **{CACHE_KWARG: caches[name]})
-        for step in range(16):  # past the window, one token at a time: rolling in place
-            model(input_ids=ids[:, step : step + 1], **{CACHE_KWARG: caches[name]})
-    model(input_ids=ids[:, -window:], **{CACHE_KWARG: caches["dynamic"]})
-    reduced = caches["kernels only"]
+    model, ids, [sink, reduced], [dynamic] = streams(window, 2, 1)
+    caches: dict[str, SinkCache | DynamicCache] = {"sink": sink, "kernels only": reduced, "dynamic": dynamic}
     assert reduced.ring is not None and len(reduced.groups) == 1, "the tiny model rolls in place in one group"
     group = reduced.groups[0]
     [(sink_keys, folded, sink_slots)] = group.rolling
@@ -162,14 +166,7 @@ def kernels_only(window: int, steps: int) -> dict[str, float]:
 def after_which_step(window: int, steps: int) -> dict[str, float]:
     """Median microseconds of each cache's step after a step of the other kind and after one of its own kind (see the
     module docstring)."""
-    model = enable_streaming(tiny_model(torch.device("cpu")), window, SINKS)
-    ids = torch.randint(3, model.config.vocab_size, (1, window + 64), generator=torch.Generator().manual_seed(0))
-    sinks, dynamics = [SinkCache(window, SINKS), SinkCache(window, SINKS)], [DynamicCache(), DynamicCache()]
-    for cache in sinks:
-        model(input_ids=ids[:, :window], **{CACHE_KWARG: cache})
-        model(input_ids=ids[:, 64:], **{CACHE_KWARG: cache})  # past the window: every step evicts
-    for cache in dynamics:
-        model(input_ids=ids[:, -window:], **{CACHE_KWARG: cache})
+    model, ids, sinks, dynamics = streams(window, 2, 2)
     names = ("dynamic after sink", "dynamic after dynamic", "sink after dynamic", "sink after sink")
     samples: dict[str, list[float]] = {name: [] for name in names}
     for step in range(steps):

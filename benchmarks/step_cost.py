@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/step_cost.py                 # W = 256, 1024 and 4096; about a minute on 2 CPU cores
+    python benchmarks/step_cost.py                 # W = 256, 1024 and 4096; about 90 s on 2 CPU cores
 
 For each cache size ``W`` the tiny model (``benchmarks/speed.py``'s) decodes one token at a time with a SinkCache
 past its window and with a DynamicCache holding ``W`` tokens (cropped back after each step), the two alternating
@@ -17,12 +17,19 @@ step by step. Three parts are timed with ``time.perf_counter`` wrappers (each ad
 Medians per step are printed; the rest of the difference (attention over a view, mask creation) is what is left.
 This explains the throughput ratios of ``benchmarks/speed.py`` on the tiny model; it is a profile, not a target.
 
-A second table bounds what removing the planning's Python could gain: the same steps, alternating among
-DynamicCache, SinkCache and a SinkCache step reduced to its kernels (the hook only hands out the position ids, which
-it never moves on, where the real step moves them with one ``add_`` every few steps; the first layer's update
-rotates the sinks through a rotation table it never rewrites, where the real step rewrites it every 16 steps with
-four small kernels; each layer's update writes its new token, always into the same slot). The reduced step keeps no
-valid cache (its outputs are not used): it is a timing bound, not something a cache could ship.
+A second table bounds what removing parts of the step could gain: the same steps, alternating among DynamicCache,
+SinkCache and two reduced SinkCache steps:
+
+* *without the sinks' rotation*: the real step, except that the sinks are never moved (the three kernels of
+  ``RotationTable.rotate_into``, run once per step for every layer of the group, are skipped): what the rotation
+  costs in place;
+* *kernels only*: the hook only hands out the position ids, which it never moves on, where the real step moves them
+  with one ``add_`` every few steps; the first layer's update rotates the sinks through a rotation table it never
+  rewrites, where the real step rewrites it every 16 steps with four small kernels; each layer's update writes its
+  new token, always into the same slot: what the planning's and the updates' Python costs in place.
+
+The reduced steps keep no valid cache (their outputs are not used): they are timing bounds, not something a cache
+could ship.
 
 A third table shows what the step before costs. ``benchmarks/speed.py`` interleaves the two caches token by token
 (so that a slow spell of the machine hits both), which puts every step of one cache right after a step of the other,
@@ -48,7 +55,7 @@ from transformers.cache_utils import DynamicLayer
 
 import sinkcache.patch
 from sinkcache import CACHE_KWARG, SinkCache, enable_streaming
-from sinkcache.cache import SinkLayer
+from sinkcache.cache import LayerGroup, SinkLayer
 from sinkcache.patch import _PositionHook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -117,10 +124,11 @@ def profile(window: int, steps: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def kernels_only(window: int, steps: int) -> dict[str, float]:
-    """Median microseconds per step of DynamicCache, SinkCache and SinkCache's step reduced to its kernels."""
-    model, ids, [sink, reduced], [dynamic] = streams(window, 2, 1)
-    caches: dict[str, SinkCache | DynamicCache] = {"sink": sink, "kernels only": reduced, "dynamic": dynamic}
+def bounds(window: int, steps: int) -> dict[str, float]:
+    """Median microseconds per step of DynamicCache, SinkCache and SinkCache's two reduced steps (module docstring)."""
+    model, ids, [sink, unrotated, reduced], [dynamic] = streams(window, 3, 1)
+    caches: dict[str, SinkCache | DynamicCache] = {"sink": sink, "without rotation": unrotated,
+                                                   "kernels only": reduced, "dynamic": dynamic}
     assert reduced.ring is not None and len(reduced.groups) == 1, "the tiny model rolls in place in one group"
     group = reduced.groups[0]
     [(sink_keys, folded, sink_slots)] = group.rolling
@@ -144,14 +152,22 @@ def kernels_only(window: int, steps: int) -> dict[str, float]:
         self.values.index_copy_(2, index, value_states)
         return self.attending
 
+    def rotate_pending(self: LayerGroup) -> None:
+        if self.layers[0].parent is unrotated:
+            self.pending = None
+        else:
+            original_rotate(self)
+
     original_hook, original_update = _PositionHook.__call__, SinkLayer.update
+    original_rotate = LayerGroup.rotate_pending
     _PositionHook.__call__, SinkLayer.update = hook, update  # type: ignore[method-assign]
+    LayerGroup.rotate_pending = rotate_pending  # type: ignore[method-assign]
     samples: dict[str, list[float]] = {name: [] for name in caches}
     order = list(caches.items())
     try:
         for step in range(steps):
             token = ids[:, step % ids.shape[1]][:, None]
-            for name, cache in order[step % 3 :] + order[: step % 3]:
+            for name, cache in order[step % len(order) :] + order[: step % len(order)]:
                 start = time.perf_counter()
                 model(input_ids=token, **{CACHE_KWARG: cache})
                 samples[name].append(time.perf_counter() - start)
@@ -159,6 +175,7 @@ def kernels_only(window: int, steps: int) -> dict[str, float]:
                     cache.crop(-1)
     finally:
         _PositionHook.__call__, SinkLayer.update = original_hook, original_update  # type: ignore[method-assign]
+        LayerGroup.rotate_pending = original_rotate  # type: ignore[method-assign]
     return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
 
 
@@ -199,13 +216,14 @@ def main(argv: Iterable[str] | None = None) -> None:
               f"{us['sink plan']:.0f} | {us['sink update']:.0f} / {us['dynamic update']:.0f} | {rest:+.0f} |",
               flush=True)
     print()
-    print("| W | step µs DynamicCache / SinkCache / SinkCache kernels only | throughput vs DynamicCache: SinkCache / "
-          "kernels only |")
+    print("| W | step µs DynamicCache / SinkCache / without the sinks' rotation / kernels only | throughput vs "
+          "DynamicCache: SinkCache / without the sinks' rotation / kernels only |")
     print("|---:|---:|---:|")
     for window in args.sizes:
-        us = kernels_only(window, args.steps)
-        print(f"| {window} | {us['dynamic']:.0f} / {us['sink']:.0f} / {us['kernels only']:.0f} | "
-              f"{us['dynamic'] / us['sink']:.3f} / {us['dynamic'] / us['kernels only']:.3f} |", flush=True)
+        us = bounds(window, args.steps)
+        dynamic, steps = us["dynamic"], (us["sink"], us["without rotation"], us["kernels only"])
+        print(f"| {window} | {dynamic:.0f} / {' / '.join(f'{step:.0f}' for step in steps)} | "
+              f"{' / '.join(f'{dynamic / step:.3f}' for step in steps)} |", flush=True)
     print()
     print("| W | step µs after the other kind: DynamicCache / SinkCache | after its own kind: DynamicCache / SinkCache "
           "| throughput vs DynamicCache: after the other kind / after its own kind |")

@@ -199,41 +199,49 @@ def after_which_step(window: int, steps: int) -> dict[str, float]:
     return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
 
 
+def split_cells(us: dict[str, float]) -> list[str]:
+    difference = us["sink step"] - us["dynamic step"]
+    rest = difference - us["sink plan"] - (us["sink update"] - us["dynamic update"])
+    return [f"{us['sink step']:.0f} / {us['dynamic step']:.0f}", f"{difference:+.0f}", f"{us['sink plan']:.0f}",
+            f"{us['sink update']:.0f} / {us['dynamic update']:.0f}", f"{rest:+.0f}"]
+
+
+def bounds_cells(us: dict[str, float]) -> list[str]:
+    dynamic, steps = us["dynamic"], (us["sink"], us["without rotation"], us["kernels only"])
+    return [f"{dynamic:.0f} / " + " / ".join(f"{step:.0f}" for step in steps),
+            " / ".join(f"{dynamic / step:.3f}" for step in steps)]
+
+
+def after_cells(us: dict[str, float]) -> list[str]:
+    crossed = us["dynamic after sink"], us["sink after dynamic"]
+    own = us["dynamic after dynamic"], us["sink after sink"]
+    return [f"{crossed[0]:.0f} / {crossed[1]:.0f}", f"{own[0]:.0f} / {own[1]:.0f}",
+            f"{crossed[0] / crossed[1]:.3f} / {own[0] / own[1]:.3f}"]
+
+
+#: each table: its columns after W, what it measures per cache size, and its cells from the measured medians
+TABLES: list[tuple[list[str], Callable[[int, int], dict[str, float]], Callable[[dict[str, float]], list[str]]]] = [
+    (["step µs SinkCache / DynamicCache", "difference", "planning hook",
+      "cache updates SinkCache / DynamicCache (all layers)", "rest of the difference"], profile, split_cells),
+    (["step µs DynamicCache / SinkCache / without the sinks' rotation / kernels only",
+      "throughput vs DynamicCache: SinkCache / without the sinks' rotation / kernels only"], bounds, bounds_cells),
+    (["step µs after the other kind: DynamicCache / SinkCache", "after its own kind: DynamicCache / SinkCache",
+      "throughput vs DynamicCache: after the other kind / after its own kind"], after_which_step, after_cells),
+]
+
+
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 1024, 4096], help="cache sizes W (tokens)")
     parser.add_argument("--steps", type=int, default=3000, help="decode steps per cache")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print("| W | step µs SinkCache / DynamicCache | difference | planning hook | cache updates SinkCache / "
-          "DynamicCache (all layers) | rest of the difference |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for window in args.sizes:
-        us = profile(window, args.steps)
-        difference = us["sink step"] - us["dynamic step"]
-        rest = difference - us["sink plan"] - (us["sink update"] - us["dynamic update"])
-        print(f"| {window} | {us['sink step']:.0f} / {us['dynamic step']:.0f} | {difference:+.0f} | "
-              f"{us['sink plan']:.0f} | {us['sink update']:.0f} / {us['dynamic update']:.0f} | {rest:+.0f} |",
-              flush=True)
-    print()
-    print("| W | step µs DynamicCache / SinkCache / without the sinks' rotation / kernels only | throughput vs "
-          "DynamicCache: SinkCache / without the sinks' rotation / kernels only |")
-    print("|---:|---:|---:|")
-    for window in args.sizes:
-        us = bounds(window, args.steps)
-        dynamic, steps = us["dynamic"], (us["sink"], us["without rotation"], us["kernels only"])
-        print(f"| {window} | {dynamic:.0f} / {' / '.join(f'{step:.0f}' for step in steps)} | "
-              f"{' / '.join(f'{dynamic / step:.3f}' for step in steps)} |", flush=True)
-    print()
-    print("| W | step µs after the other kind: DynamicCache / SinkCache | after its own kind: DynamicCache / SinkCache "
-          "| throughput vs DynamicCache: after the other kind / after its own kind |")
-    print("|---:|---:|---:|---:|")
-    for window in args.sizes:
-        us = after_which_step(window, args.steps)
-        crossed, own = (us["dynamic after sink"], us["sink after dynamic"]), (us["dynamic after dynamic"],
-                                                                             us["sink after sink"])
-        print(f"| {window} | {crossed[0]:.0f} / {crossed[1]:.0f} | {own[0]:.0f} / {own[1]:.0f} | "
-              f"{crossed[0] / crossed[1]:.3f} / {own[0] / own[1]:.3f} |", flush=True)
+    for columns, measure, cells in TABLES:
+        print("| W | " + " | ".join(columns) + " |")
+        print("|---:" * (len(columns) + 1) + "|")
+        for window in args.sizes:
+            print("| " + " | ".join([str(window), *cells(measure(window, args.steps))]) + " |", flush=True)
+        print()
 
 
 if __name__ == "__main__":

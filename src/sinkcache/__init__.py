@@ -13,6 +13,7 @@ from .cache import NotEnabledError, SinkCache
 from .compat import CACHE_KWARG
 from .patch import disable_streaming, enable_streaming, is_streaming
 from .rotary import UnsupportedModelError
+from .selfcheck import SelfCheckError
 from .sinks import SinkMeasureError, SinkReport, measure_sinks
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "is_streaming",
     "NotEnabledError",
     "UnsupportedModelError",
+    "SelfCheckError",
     "measure_sinks",
     "SinkReport",
     "SinkMeasureError",

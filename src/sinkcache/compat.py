@@ -57,6 +57,11 @@ def builds_legacy_mask(module: object) -> bool:
 #: The keyword transformers' own models take their cache by (Llama stands for all of them: they move together).
 CACHE_KWARG: str = _keyword(forward_parameters(modeling_llama.LlamaModel)) or "cache"
 
+#: The newest transformers release on which sinkcache's CI ran the compatibility matrix (``scripts/compat_matrix.py``
+#: keeps it equal to the newest passing row of ``docs/compat/results.json``). Newer releases install too: the
+#: self-check of ``enable_streaming`` (``selfcheck``) proves each one on the user's own model.
+VERIFIED_TRANSFORMERS = "5.25.0"
+
 #: Whether the causal mask reads the query's index from ``Cache.get_seq_length()`` (no ``get_query_offset`` yet).
 QUERY_OFFSET_FROM_SEQ_LENGTH: bool = not hasattr(Cache, "get_query_offset")
 

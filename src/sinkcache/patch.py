@@ -13,7 +13,10 @@ copied hook passes every call through, its copied ``generate`` runs the copy's p
 
 Before installing anything, the model's rotation is verified empirically: one token is run at two positions and
 every layer's keys must differ by exactly the rotation sinkcache would apply. A model whose keys do not (learned
-positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE) is refused with the reason.
+positions, ALiBi, interleaved or multi-dimensional RoPE, a transform after RoPE) is refused with the reason. With
+the hook installed, the self-check (``selfcheck``) then streams a short text through a small SinkCache and compares
+its logits with a cache-free reference, which proves the plumbing of the installed transformers on this very model;
+a mismatch removes the hook again and refuses loudly. Both verdicts are kept per model for the process.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from . import compat
+from . import compat, selfcheck
 from .cache import GRAD_MODE, SinkCache
 from .rotary import RopeSpec, UnsupportedModelError, read_rope_spec, rotate
 
@@ -54,6 +57,7 @@ def enable_streaming(
     *,
     prefill_chunk_size: int | None = None,
     static_shapes: bool = False,
+    verify: bool = True,
 ) -> PreTrainedModel:
     """Make ``model`` stream with a ``SinkCache``; returns the same model.
 
@@ -70,14 +74,21 @@ def enable_streaming(
             bounds prefill memory by the cache size instead of the prompt length.
         static_shapes: give ``generate``'s caches static shapes (``SinkCache(..., static_shapes=True)``), so that
             the decode step of a compiled model (``torch.compile``) compiles once.
+        verify: run the self-check (``sinkcache.selfcheck``: 10 short forward calls, once per model and process)
+            that proves streaming exact on this model and the installed transformers. ``False`` skips it, for a
+            model and release known to pass; the one-token rotation probe (2 calls) still runs.
 
     Per call, ``generate(..., cache_implementation=...)`` or a cache that is not a ``SinkCache`` opts out of
     streaming (see ``_StreamingGenerate``). ``copy.deepcopy`` of an enabled model is not enabled.
 
     Raises:
         UnsupportedModelError: the model's positions cannot be shifted inside a cache; the message says why.
+        SelfCheckError: streaming this model on the installed transformers does not give the contract's logits;
+            the message says what differed. Nothing stays installed.
         ValueError: the model's weights are on the meta device (not loaded yet), or an argument is invalid.
     """
+    if not isinstance(verify, bool):
+        raise TypeError(f"enable_streaming's verify must be True or False, got {verify!r}.")
     SinkCache(window_length, num_sink_tokens, static_shapes=static_shapes)  # validates with the cache's messages
     _require_real_weights(model)
     decoder = getattr(model, "base_model", model)
@@ -98,13 +109,22 @@ def enable_streaming(
             f"window_length ({window_length}) must be below {rope.max_position}: this model's RoPE "
             "(dynamic/longrope) changes its frequencies past that length, which would break shifted keys."
         )
-    _verify_rotation(model, rope)
+    checked = selfcheck.passed(model, static_shapes)  # this model passed both checks before, computing as now
+    if not checked:
+        _verify_rotation(model, rope)
     had_own, own = "generate" in model.__dict__, model.__dict__.get("generate")
     hooks = [decoder.register_forward_pre_hook(_PositionHook(decoder, rope), with_kwargs=True)]
     if compat.QUERY_OFFSET_FROM_SEQ_LENGTH:  # the cache must know when the step's forward is over (see compat)
         hooks.append(decoder.register_forward_hook(_StepDone(decoder), with_kwargs=True))
     _ENABLED[model] = _Streaming(window_length, num_sink_tokens, chunk, static_shapes, rope, hooks)
     model.__dict__["generate"] = _StreamingGenerate(model, had_own, own)  # an instance attribute shadows the method
+    if verify and not checked:
+        try:
+            selfcheck.check(model, compat.cache_keyword(model) or compat.CACHE_KWARG, static_shapes)
+        except BaseException:
+            disable_streaming(model)
+            raise
+        selfcheck.record_pass(model, static_shapes)
     return model
 
 
@@ -363,7 +383,7 @@ def _verify_rotation(model: PreTrainedModel, rope: RopeSpec) -> None:
         raise UnsupportedModelError(f"{type(model).__name__}.forward takes no cache (neither `cache` nor "
                                     "`past_key_values`), so it cannot stream with a SinkCache.")
     keys = []
-    with torch.no_grad():
+    with selfcheck.evaluating(model):  # dropout off, no gradients
         for position in (0, _PROBE_DISTANCE):
             cache = DynamicCache()
             model(input_ids=token, position_ids=torch.tensor([[position]], device=device), use_cache=True,

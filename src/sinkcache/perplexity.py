@@ -55,6 +55,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -651,7 +652,7 @@ def load_model(model_name: str, gguf_file: str | None, settings: Settings) -> Pr
 
 
 def run(settings: Settings, model: PreTrainedModel | None = None, tokenizer: Any = None) -> dict[str, Any]:
-    """Run the benchmark; write ``results.json`` and ``perplexity.png`` into ``settings.output``.
+    """Run the benchmark; write ``results.json`` into ``settings.output`` (``write_plots`` draws the plots).
 
     Args:
         model, tokenizer: an already loaded pair (tests); by default loaded as ``settings`` says.
@@ -717,10 +718,20 @@ def _run(settings: Settings, model: PreTrainedModel | None, tokenizer: Any) -> d
     if settings.sink_counts:
         summary["sweep"] = sweep_summary(summary, settings)
     (output / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(summary, output / "perplexity.png")
-    if settings.sink_counts:
-        plot_sweep(summary, output / "sink_sweep.png")
     return summary
+
+
+def write_plots(summary: dict, output: Path) -> list[Path] | None:
+    """Draw ``perplexity.png`` (and ``sink_sweep.png`` for a sweep) into ``output``; the paths written, or ``None``
+    where matplotlib is not installed (it is optional: the ``bench`` extra brings it)."""
+    if find_spec("matplotlib") is None:
+        return None
+    written = [output / "perplexity.png"]
+    plot(summary, written[0])
+    if "sweep" in summary:
+        written.append(output / "sink_sweep.png")
+        plot_sweep(summary, written[1])
+    return written
 
 
 def sink_prefix_ids(tokenizer: Any, settings: Settings) -> list[int]:
@@ -736,10 +747,11 @@ def sink_prefix_ids(tokenizer: Any, settings: Settings) -> list[int]:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-def parser() -> argparse.ArgumentParser:
-    """The command line of ``benchmarks/perplexity.py``; defaults are ``Settings``'s."""
+def parser(prog: str = "python -m sinkcache perplexity") -> argparse.ArgumentParser:
+    """The command line of ``python -m sinkcache perplexity`` (and ``benchmarks/perplexity.py``); defaults are
+    ``Settings``'s."""
     d = Settings()
-    p = cli.parser("perplexity.py", __doc__.split("\n\n")[0], BenchmarkError)
+    p = cli.parser(prog, __doc__.split("\n\n")[0], BenchmarkError)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", metavar="FILE", default=d.text,
                         help="UTF-8 text to stream; none: CPython's pydoc_data reference docs")
@@ -788,10 +800,10 @@ def _sink_counts(text: str) -> tuple[int, ...]:
                              "e.g. 4, or 0,1,2,4,8 for a sweep.") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, with one line on stderr)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache perplexity") -> int:
+    """Run the command line as ``prog``; returns the exit status (2 for bad input, with one line on stderr)."""
     try:
-        args = vars(parser().parse_args(argv))
+        args = vars(parser(prog).parse_args(argv))
         args["regimes"] = tuple(name.strip() for name in args["regimes"].split(",") if name.strip())
         counts = _sink_counts(args.pop("num_sink_tokens"))
         args["num_sink_tokens"], args["sink_counts"] = (counts[0], ()) if len(counts) == 1 else (max(counts), counts)
@@ -800,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings(**args)
         summary = run(settings)
     except BenchmarkError as error:
-        print(f"perplexity.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(format_table(summary))
     if "sweep" in summary:
@@ -808,7 +820,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit = summary["model_max_positions"]
     if "dense" in settings.regimes and limit and settings.num_tokens + 1 > limit:
         print(f"dense: tokens past the model's {limit:,}-token context are at positions it was not trained on.")
-    plots = "perplexity.png" + (" and sink_sweep.png" if "sweep" in summary else "")
-    print(f"wall time {summary['wall_seconds']:.0f} s; results in {Path(settings.output) / 'results.json'}, "
-          f"plot in {Path(settings.output) / plots}")
+    output = Path(settings.output)
+    plots = write_plots(summary, output)
+    drawn = (f"plot in {' and '.join(map(str, plots))}" if plots else "no plot: matplotlib is not installed "
+             '(pip install matplotlib, or the extra: pip install "sinkcache[bench]")')
+    print(f"wall time {summary['wall_seconds']:.0f} s; results in {output / 'results.json'}; {drawn}")
     return 0

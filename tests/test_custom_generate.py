@@ -40,7 +40,3 @@ def test_a_passed_sink_cache_continues_and_another_cache_is_refused():
         model.generate(prompt(), custom_generate=REPOSITORY, trust_remote_code=True, max_new_tokens=2,
                        **{CACHE_KWARG: object()})
 
-
-def test_local_code_needs_trust_remote_code():
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        tiny_model("llama").generate(prompt(), custom_generate=REPOSITORY, max_new_tokens=2)

@@ -4,7 +4,7 @@ Run from the repository root::
 
     python benchmarks/memory.py                 # every config, W = 256, 1024, 4096 (minutes on 2 CPU cores)
     python benchmarks/memory.py --quick         # small tiny configs, W = 64 and 128: a smoke test (seconds)
-    python benchmarks/memory.py --update-readme # also rewrite the README's memory table (between its markers)
+    python benchmarks/memory.py --update-docs   # also rewrite the memory table of docs/results.md (its markers)
 
 Every number is what the caches hold, measured, never computed from a formula: ``SinkCache.nbytes`` (every tensor
 it holds, each storage counted once: buffers, the sinks' copies, rotation and position tables) and, for
@@ -68,7 +68,7 @@ from sinkcache import CACHE_KWARG, SinkCache, enable_streaming, machine  # noqa:
 
 SINKS = 4
 TARGET_RATIO = 1.05
-README_START, README_END = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
+TABLE_START, TABLE_END = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
 
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, max_position_embeddings=131072,
                initializer_range=0.02, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -339,7 +339,7 @@ def core_commit() -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The markdown table of the README."""
+    """The markdown table of docs/results.md."""
     lines = [f"Measured by `python benchmarks/memory.py` on the storage core of commit `{results['core_commit']}` "
              f"(src/sinkcache/cache.py), transformers {results['machine']['transformers']}, float32, batch 1, "
              f"{SINKS} sinks; MiB = 2^20 bytes.", "",
@@ -405,14 +405,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def update_readme(text: str) -> None:
-    """Replace the README's memory table between its markers."""
-    readme = REPO / "README.md"
-    content = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+def update_docs(text: str) -> None:
+    """Replace the memory table of docs/results.md between its markers."""
+    page = REPO / "docs" / "results.md"
+    content = page.read_text()
+    pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.S)
     if not pattern.search(content):
-        raise SystemExit(f"memory.py: README.md has no {README_START} ... {README_END} markers")
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{text}{README_END}", content))
+        raise SystemExit(f"memory.py: docs/results.md has no {TABLE_START} ... {TABLE_END} markers")
+    page.write_text(pattern.sub(lambda _: f"{TABLE_START}\n{text}{TABLE_END}", content))
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -448,9 +448,9 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "memory",
                         help="folder for results.json, memory.png, table.md")
-    parser.add_argument("--update-readme", action="store_true", help="rewrite README.md's memory table")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the memory table of docs/results.md")
     parser.add_argument("--render", action="store_true",
-                        help="measure nothing: table.md, memory.png (and the README with --update-readme) from "
+                        help="measure nothing: table.md, memory.png (and docs/results.md with --update-docs) from "
                              "--out's results.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -525,12 +525,12 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Plot, table (and README), and the summary line."""
+    """Plot, table (and docs/results.md), and the summary line."""
     plot(results, args.out / "memory.png")
     text = table(results)
     (args.out / "table.md").write_text(text)
-    if args.update_readme:
-        update_readme(text)
+    if args.update_docs:
+        update_docs(text)
     print("\n" + text)
     met = sum(all(row["targets"].values()) for row in results["cases"])
     print(f"{met} of {len(results['cases'])} cases meet both targets; measured in {results['elapsed_s']:.0f} s")

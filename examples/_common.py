@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from sinkcache import SinkCache, machine, offline
 
 
@@ -20,17 +22,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, window: int = 1024) -> 
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if it is a GGUF folder")
     parser.add_argument("--window", type=int, default=window, help="tokens kept by the cache, sinks included")
     parser.add_argument("--sinks", type=int, default=4, help="first tokens of the stream kept forever")
+    # One thread by default, as the benchmarks: a one-token step of a small model is too short to split, and on cores
+    # that another job shares, torch's default (every core) ran long_document.py at 8-11 tokens/s against 73 with 1.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default, every core)")
 
 
 def load(args: argparse.Namespace):
-    """Load ``(model, tokenizer)`` as the command line asks; a setup problem ends the script with its fix."""
+    """Set the thread count and load ``(model, tokenizer)`` as the command line asks; a setup problem ends the script
+    with its fix."""
+    if args.threads < 0:
+        sys.exit(f"error: --threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
         model, tokenizer = offline.load_model(args.model, args.gguf_file)
     except offline.SetupError as error:
         sys.exit(f"error: {error}")
     print(f"loaded {type(model).__name__} in {time.perf_counter() - start:.1f} s "
-          f"(context {model.config.max_position_embeddings:,} tokens; cache window {args.window:,})", flush=True)
+          f"(context {model.config.max_position_embeddings:,} tokens; cache window {args.window:,}; "
+          f"{torch.get_num_threads()} torch threads)", flush=True)
     return model, tokenizer
 
 

@@ -3,10 +3,12 @@
     python scripts/compat_matrix.py --jobs 2             # every 5.x minor (its newest patch), from PyPI
     python scripts/compat_matrix.py --versions 5.0.0,5.25.0
 
-Run it from an environment that has torch and the test tools (``pip install -e ".[test]"``): each release gets a
-virtual environment of its own under ``--venvs`` (kept between runs) in which pip installs that transformers with
+Run it from an environment that has torch and the test tools but no ``kernels`` package, such as ``.venv-oldest``
+(``pip install -e ".[test]" transformers==5.0.0``, as ``.ci/run`` builds it): each release gets a virtual environment of its own under ``--venvs`` (kept between runs) in which pip installs that transformers with
 the dependencies it asks for; torch, pytest and the rest come from the running environment through a ``.pth`` file
-placed after the venv's own packages, so torch is not installed 25 times. The tests import sinkcache from ``src/``.
+placed after the venv's own packages, so torch is not installed 25 times. The releases see those packages after their own, and the ``kernels`` package
+that recent releases depend on breaks older ones at import (they read an API it has since changed): the script
+refuses an environment that has it. The tests import sinkcache from ``src/``.
 
 Writes ``docs/compat/results.json`` (with the commit it ran on), the table between the ``compat-matrix`` markers of
 ``docs/compatibility.md``, and ``compat.VERIFIED_TRANSFORMERS``: the newest release that passed, which the
@@ -25,6 +27,7 @@ import sysconfig
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.util import find_spec
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.out.read_text())
         write_page(table(saved["results"], saved["tests"]))
         return 0
+    if find_spec("kernels") is not None:
+        raise SystemExit("compat_matrix.py: this environment has the `kernels` package (a dependency of recent "
+                         "transformers), which every release's venv would see and which breaks older releases at "
+                         "import. Run it from .venv-oldest (transformers 5.0.0), or an environment without kernels.")
     versions = args.versions.split(",") if args.versions else newest_patch_of_each_minor()
     args.venvs.mkdir(parents=True, exist_ok=True)
     # a run of some releases replaces their rows in an earlier run's file (same tests) and keeps the others

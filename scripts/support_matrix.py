@@ -1,6 +1,6 @@
-"""Run the oracle test matrix and write its results into README.md as the table of supported models.
+"""Run the oracle test matrix and write its results into docs/models.md as the table of supported models.
 
-    python scripts/support_matrix.py          # runs tests/test_positions.py (about a minute), rewrites README.md
+    python scripts/support_matrix.py          # runs tests/test_positions.py (about a minute), rewrites docs/models.md
 
 The table is generated from what the tests measured, never typed by hand: one row per architecture of
 ``tests/zoo.py``, one column per attention implementation and batch layout, each cell the worst absolute
@@ -62,12 +62,12 @@ def render(results: dict) -> str:
 
 def main() -> None:
     table = render(run_matrix())
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    page = ROOT / "docs" / "models.md"
+    text = page.read_text()
     if START not in text or END not in text:
-        sys.exit(f"README.md lacks the markers {START} ... {END}")
+        sys.exit(f"docs/models.md lacks the markers {START} ... {END}")
     text = re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{table}\n{END}", text, flags=re.S)
-    readme.write_text(text)
+    page.write_text(text)
     print(table)
 
 

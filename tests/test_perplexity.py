@@ -157,8 +157,7 @@ def test_results_are_printed_first_and_the_plot_is_optional(tiny_folder, tmp_pat
     lines = out.splitlines()
     table = [i for i, line in enumerate(lines) if line.startswith("| ")]
     assert [lines[i].split("|")[1].strip() for i in table[2:]] == ["window", "sink"]
-    assert lines[-1].endswith('no plot: matplotlib is not installed (pip install matplotlib, or the extra: '
-                              'pip install "sinkcache[bench]")')
+    assert lines[-1].endswith("no plot: matplotlib is not installed (pip install matplotlib)")
 
 
 def test_usage_names_the_command():

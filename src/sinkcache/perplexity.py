@@ -823,6 +823,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache per
     output = Path(settings.output)
     plots = write_plots(summary, output)
     drawn = (f"plot in {' and '.join(map(str, plots))}" if plots else "no plot: matplotlib is not installed "
-             '(pip install matplotlib, or the extra: pip install "sinkcache[bench]")')
+             "(pip install matplotlib)")
     print(f"wall time {summary['wall_seconds']:.0f} s; results in {output / 'results.json'}; {drawn}")
     return 0

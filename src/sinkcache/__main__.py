@@ -3,6 +3,7 @@
 * ``sinks``: measure a model's attention sinks (``sinkcache.sinks``);
 * ``perplexity``: the perplexity benchmark (``sinkcache.perplexity``, also ``benchmarks/perplexity.py``);
 * ``recall``: a recall probe, planted passcodes asked for inside and beyond the window (``sinkcache.recall``).
+* ``serve``: an OpenAI-compatible chat server, one SinkCache per conversation (``sinkcache.serve``).
 
 ``python -m sinkcache COMMAND --help`` lists a command's options. Exit status 2 with one line on stderr for bad
 input, as each command does.
@@ -14,7 +15,8 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark",
-            "recall": "a recall probe: planted passcodes asked for at growing distances"}
+            "recall": "a recall probe: planted passcodes asked for at growing distances",
+            "serve": "an OpenAI-compatible chat server, one SinkCache per conversation"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .perplexity import main as perplexity_main
 
         return perplexity_main(rest)
+    if command == "serve":
+        from .serve import main as serve_main
+
+        return serve_main(rest)
     print(f"sinkcache: error: unknown command {command!r}; choose from {', '.join(COMMANDS)} (see --help).",
           file=sys.stderr)
     return 2

@@ -159,6 +159,8 @@ class Engine:
         self.pad_id = next(iter(self.stop_ids), 0)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.served = 0
+        self.cancelled = 0  # requests whose client went away
+        self.last_cancelled_tokens = 0  # tokens the last cancelled request generated before it stopped
         self._worker = threading.Thread(target=self._run, name="sinkcache-serve-worker", daemon=True)
         self._worker.start()
 
@@ -201,7 +203,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {"sessions": len(self.store), "session_bytes": self.store.nbytes, "evicted": self.store.evicted,
-                "queued": self.jobs.qsize(), "served": self.served, "sessions_enabled": self.sessions_on}
+                "queued": self.jobs.qsize(), "served": self.served, "cancelled": self.cancelled,
+                "last_cancelled_tokens": self.last_cancelled_tokens, "sessions_enabled": self.sessions_on}
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -210,6 +213,7 @@ class Engine:
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set():
+                self.cancelled, self.last_cancelled_tokens, self.served = self.cancelled + 1, 0, self.served + 1
                 job.send("error", APIError(499, "The client closed the request.", code="cancelled"))
                 continue
             try:
@@ -248,6 +252,7 @@ class Engine:
             raise APIError(500, "The reply's text changed while it was streamed.", type="server_error")
         streamer.flush(text)
         if job.cancelled.is_set():  # its cache consumed tokens the client never got: drop the session
+            self.cancelled, self.last_cancelled_tokens = self.cancelled + 1, len(generated)
             raise APIError(499, "The client closed the request.", code="cancelled")
         if self.sessions_on:
             session.extend(torch.cat([ids, torch.tensor(reply, dtype=torch.long)]),

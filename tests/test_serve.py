@@ -263,3 +263,17 @@ def test_api_key_and_eviction_under_a_small_budget(folder, tiny):
                 assert response.usage.prompt_tokens_details.cached_tokens == 0
                 messages.append({"role": "assistant", "content": response.choices[0].message.content})
         assert server.get("/health")["evicted"] >= 4
+
+
+def test_example_chat_client_chats_and_its_later_turns_are_cached(server):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "chat_client.py"
+    run = subprocess.run([sys.executable, str(script), "--url", server.url, "--turns", "3", "--max-tokens", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    usage = [line for line in run.stdout.splitlines() if line.startswith("[usage]")]
+    assert len(usage) == 3 and "cached=0 " in usage[0]
+    assert all("cached=0 " not in line and "generated=4" in line for line in usage[1:])

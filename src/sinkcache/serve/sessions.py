@@ -130,7 +130,7 @@ class SessionStore:
                    if s.cache.ledger.hashes is not None and len(s.cache.ledger.hashes) == 1
                    and s.cache.ledger.count <= len(ids) and not s.cache.ledger.padded]
         hashes = prefix_hashes(ids, (ledger.count for _, ledger in ledgers))
-        matching = [(ledger.count, s) for s, ledger in ledgers if hashes[ledger.count] == ledger.hashes[0]]
+        matching = [(ledger.count, s) for s, ledger in ledgers if [hashes[ledger.count]] == ledger.hashes]
         return max(matching, key=lambda pair: pair[0])[1] if matching else None
 
     def put(self, session: Session) -> None:

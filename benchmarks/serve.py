@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_chat(server, model, turns, args.max_tokens, args.timeout)
         results["runs"][kind] = {"command": argv_, "summary": summarize(rows), "per_turn": rows}
         print(json.dumps(results["runs"][kind]["summary"]), flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.json").write_text(json.dumps(results, indent=1))  # after each server: partial runs count
     plot(results, out / "serve.png")
     print(f"wrote {out / 'results.json'} and {out / 'serve.png'}")
     return 0

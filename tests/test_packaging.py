@@ -53,8 +53,8 @@ def test_the_console_command_runs_every_subcommand():
     """The installed ``sinkcache`` command (next to this Python) dispatches like ``python -m sinkcache``."""
     command = Path(sys.executable).parent / "sinkcache"
     done = subprocess.run([str(command), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.startswith("usage: sinkcache {sinks,perplexity,recall,doctor}")
-    for subcommand in ("sinks", "perplexity", "recall", "doctor"):
+    assert done.returncode == 0 and done.stdout.startswith("usage: sinkcache {sinks,perplexity,recall,doctor,serve}")
+    for subcommand in ("sinks", "perplexity", "recall", "doctor", "serve"):
         done = subprocess.run([str(command), subcommand, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "--model" in done.stdout, subcommand
 

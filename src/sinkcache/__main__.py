@@ -3,7 +3,8 @@
 * ``sinks``: measure a model's attention sinks (``sinkcache.sinks``);
 * ``perplexity``: the perplexity benchmark (``sinkcache.perplexity``, also ``benchmarks/perplexity.py``);
 * ``recall``: a recall probe, planted passcodes asked for inside and beyond the window (``sinkcache.recall``);
-* ``doctor``: versions, and whether this install streams exactly (``sinkcache.doctor``: the self-check on a model).
+* ``doctor``: versions, and whether this install streams exactly (``sinkcache.doctor``: the self-check on a model);
+* ``serve``: an OpenAI-compatible chat server, one SinkCache per conversation (``sinkcache.serve``).
 
 ``sinkcache COMMAND --help`` lists a command's options. Exit status 2 with one line on stderr for bad
 input, as each command does.
@@ -17,7 +18,8 @@ from pathlib import Path
 
 COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark",
             "recall": "a recall probe: planted passcodes asked for at growing distances",
-            "doctor": "versions, and the self-check: does this install stream exactly?"}
+            "doctor": "versions, and the self-check: does this install stream exactly?",
+            "serve": "an OpenAI-compatible chat server, one SinkCache per conversation"}
 
 
 def invoked_as() -> str:
@@ -49,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .perplexity import main as perplexity_main
 
         return perplexity_main(rest)
+    if command == "serve":
+        from .serve import main as serve_main
+
+        return serve_main(rest)
     print(f"sinkcache: error: unknown command {command!r}; choose from {', '.join(COMMANDS)} (see --help).",
           file=sys.stderr)
     return 2

@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import compat
+from .ledger import TokenLedger
 from .policy import Policy
 from .rotary import RopeSpec, RotationTable, halves, rotate
 
@@ -713,6 +714,7 @@ class SinkCache(Cache):
         self._new_step_tensors()
         self.groups: list[LayerGroup] = []  # formed at the second step, when every layer has its storage
         self._grouped = False
+        self.ledger = TokenLedger()  # what the stream consumed, for generate()'s prefix check (sinkcache.ledger)
 
     def __repr__(self) -> str:
         return (f"SinkCache(window_length={self.window_length}, num_sink_tokens={self.num_sink_tokens}, "
@@ -1120,6 +1122,7 @@ class SinkCache(Cache):
         return min(self.seen, self.window_length)
 
     def _select_rows(self, index: torch.Tensor) -> None:
+        self.ledger.select_rows(index)
         if self.first_real is not None:
             self._set_first_real(self.first_real[index.cpu()])
         for group in self._group_layers():

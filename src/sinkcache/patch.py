@@ -252,6 +252,8 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, decoder:
             "per-layer mask cannot follow the cache's evictions. Pass the usual padding mask."
         )
     position_ids, slot_mask = cache.begin_step(batch, n, None if mask is None else mask[:, -n:], rope, inputs.device)
+    # sinkcache.ledger: what this step consumed, for generate()'s check that a later prompt continues the stream
+    cache.ledger.record(kwargs.get("input_ids"), None if mask is None else mask[:, -n:] != 0, batch, n)
     kwargs["position_ids"] = position_ids
     if with_cache_position:
         queries = cache.query_indices(inputs.device)
@@ -348,6 +350,8 @@ class _StreamingGenerate:
         # - on a cache that continues a stream (a later turn), releases before 5.14 restart their chunks at the
         #   conversation's first token. Done the same way on every release.
         prompt, name = (embeds, "inputs_embeds") if embeds is not None else (ids, "input_ids")
+        if cache.seen and isinstance(prompt, torch.Tensor):  # refuse a prompt that does not continue the stream
+            cache.ledger.require_prefix(ids if embeds is None else None, kwargs.get("attention_mask"))
         if isinstance(prompt, torch.Tensor) and (embeds is not None or cache.seen):
             if chunk is not None and (setting("num_beams") or 1) * (setting("num_return_sequences") or 1) == 1:
                 self._prefill(cache, name, prompt, kwargs.get("attention_mask"), chunk)

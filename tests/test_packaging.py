@@ -37,7 +37,8 @@ def test_wheel_is_typed_and_described(built):
     with zipfile.ZipFile(wheel) as archive:
         files = set(archive.namelist())
         metadata = archive.read(next(name for name in files if name.endswith(".dist-info/METADATA"))).decode()
-    assert {"sinkcache/py.typed", "sinkcache/compat.py", "sinkcache/cache.py"} <= files
+    assert {"sinkcache/py.typed", "sinkcache/compat.py", "sinkcache/cache/__init__.py",
+            "sinkcache/cache/sink_cache.py"} <= files
     assert "Classifier: Typing :: Typed" in metadata
     assert re.search(r"^Project-URL: Source, https://", metadata, re.M)
     assert re.search(r"^Requires-Dist: transformers<5\.25,>=5\.0$", metadata, re.M)

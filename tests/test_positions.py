@@ -213,11 +213,13 @@ def test_steady_state_path_equals_the_general_one(arch, monkeypatch):
 @pytest.mark.parametrize("static", [False, True], ids=["views", "static"])
 def test_oracle_is_sensitive(monkeypatch, static):
     """Negative controls: a sink rotation off by one position, or none at all, must fail the oracle test."""
-    real_rotate = sinkcache.cache.rotate
+    real_rotate, users = sinkcache.rotary.rotate, (sinkcache.cache.layers, sinkcache.cache.group)
     model = tiny_model("llama")
-    monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: real_rotate(k, p + 1, f))
+    for module in users:  # where the cache rotates keys: the sinks' capture, and the re-base
+        monkeypatch.setattr(module, "rotate", lambda k, p, f: real_rotate(k, p + 1, f))
     assert check_against_oracle(model, [1] * 40, static=static) > 100 * TOLERANCE
-    monkeypatch.setattr(sinkcache.cache, "rotate", lambda k, p, f: k.float())
+    for module in users:
+        monkeypatch.setattr(module, "rotate", lambda k, p, f: k.float())
     assert check_against_oracle(model, [1] * 40, static=static) > 100 * TOLERANCE
 
 

@@ -19,6 +19,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def is_type_checking(test: ast.expr) -> bool:
+    """Whether an ``if`` tests ``TYPE_CHECKING`` (or ``typing.TYPE_CHECKING``): true for type checkers only."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
     """Every import statement of a module, at any depth, except those under ``if TYPE_CHECKING:``."""
     found: list[ast.Import | ast.ImportFrom] = []
@@ -26,7 +32,7 @@ def runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
     def visit(node: ast.AST) -> None:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and is_type_checking(node.test):
             for child in node.orelse:
                 visit(child)
             return
@@ -93,11 +99,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_every_kind_of_import():
     """Negative controls: the walker finds imports at module level, inside functions, of submodules and of names,
-    and a cycle when there is one."""
+    from the package above, but not those for type checkers; and it finds a cycle when there is one."""
     graph = import_graph()
     assert "sinkcache.compat" in graph["sinkcache.patch"]  # from . import compat (a submodule)
     assert "sinkcache.sinks" in graph["sinkcache.__main__"]  # from .sinks import main, inside a function
     assert "sinkcache.cache" in graph["sinkcache"]  # from .cache import SinkCache (a name)
+    assert "sinkcache.compat" in graph["sinkcache.cache.sink_cache"]  # from .. import compat
+    assert "sinkcache.cache.group" not in graph["sinkcache.cache.layers"]  # under TYPE_CHECKING only
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 

@@ -330,18 +330,18 @@ def run_case(name: str, model: torch.nn.Module, geo: Geometry, plan: Plan) -> di
 
 # ---- report -----------------------------------------------------------------------------------------------------
 def core_commit() -> str:
-    """The commit of src/sinkcache/cache.py measured (with '+dirty' when it differs from that commit)."""
+    """The last commit of the storage core (src/sinkcache/cache/) measured, with '+dirty' when it differs from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    commit = git("log", "-1", "--format=%h", "--", "src/sinkcache/cache.py") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "src/sinkcache/cache.py") else "")
+    commit = git("log", "-1", "--format=%h", "--", "src/sinkcache/cache") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "src/sinkcache/cache") else "")
 
 
 def table(results: dict[str, Any]) -> str:
     """The markdown table of docs/results.md."""
     lines = [f"Measured by `python benchmarks/memory.py` on the storage core of commit `{results['core_commit']}` "
-             f"(src/sinkcache/cache.py), transformers {results['machine']['transformers']}, float32, batch 1, "
+             f"(src/sinkcache/cache/), transformers {results['machine']['transformers']}, float32, batch 1, "
              f"{SINKS} sinks; MiB = 2^20 bytes.", "",
              "| config | W | SinkCache steady | attendable | ratio (target <= 1.05) | DynamicCache(config) past W "
              "... at end | SinkCache <= DynamicCache past W (worst ratio) | ... from tokens |",

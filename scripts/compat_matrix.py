@@ -4,11 +4,12 @@
     python scripts/compat_matrix.py --versions 5.0.0,5.25.0
 
 Run it from an environment that has torch and the test tools but no ``kernels`` package, such as ``.venv-oldest``
-(``pip install -e ".[test]" transformers==5.0.0``, as ``.ci/run`` builds it): each release gets a virtual environment of its own under ``--venvs`` (kept between runs) in which pip installs that transformers with
-the dependencies it asks for; torch, pytest and the rest come from the running environment through a ``.pth`` file
-placed after the venv's own packages, so torch is not installed 25 times. The releases see those packages after their own, and the ``kernels`` package
-that recent releases depend on breaks older ones at import (they read an API it has since changed): the script
-refuses an environment that has it. The tests import sinkcache from ``src/``.
+(``pip install -e ".[test]" transformers==5.0.0``, as ``.ci/run`` builds it). Each release gets a virtual
+environment of its own under ``--venvs`` (kept between runs) in which pip installs that transformers with the
+dependencies it asks for; torch, pytest and the rest come from the running environment through a ``.pth`` file
+placed after the venv's own packages, so torch is not installed 25 times. The releases see those packages after
+their own, and the ``kernels`` package that recent releases depend on breaks older ones at import (they read an API
+it has since changed): the script refuses an environment that has it. The tests import sinkcache from ``src/``.
 
 Writes ``docs/compat/results.json`` (with the commit it ran on), the table between the ``compat-matrix`` markers of
 ``docs/compatibility.md``, and ``compat.VERIFIED_TRANSFORMERS``: the newest release that passed, which the

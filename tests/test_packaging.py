@@ -37,7 +37,8 @@ def test_wheel_is_typed_and_described(built):
     with zipfile.ZipFile(wheel) as archive:
         files = set(archive.namelist())
         metadata = archive.read(next(name for name in files if name.endswith(".dist-info/METADATA"))).decode()
-    assert {"sinkcache/py.typed", "sinkcache/compat.py", "sinkcache/cache.py"} <= files
+    assert {"sinkcache/py.typed", "sinkcache/compat.py", "sinkcache/cache/__init__.py",
+            "sinkcache/cache/sink_cache.py"} <= files
     assert "Classifier: Typing :: Typed" in metadata
     assert re.search(r"^Project-URL: Source, https://", metadata, re.M)
     # no upper bound: a release that ships tomorrow installs (the self-check guards it, tests/test_selfcheck.py)

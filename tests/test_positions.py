@@ -215,10 +215,11 @@ def test_steady_state_path_equals_the_general_one(arch, monkeypatch):
 def test_oracle_is_sensitive(monkeypatch, static):
     """Negative controls: a sink rotation off by one position, or none at all, must fail the oracle test, and
     enable_streaming's self-check must refuse it."""
-    real_rotate = sinkcache.cache.rotate
+    real_rotate, users = sinkcache.rotary.rotate, (sinkcache.cache.layers, sinkcache.cache.group)
     model = tiny_model("llama")
     for broken in (lambda k, p, f: real_rotate(k, p + 1, f), lambda k, p, f: k.float()):
-        monkeypatch.setattr(sinkcache.cache, "rotate", broken)
+        for module in users:  # where the cache rotates keys: the sinks' capture, and the re-base
+            monkeypatch.setattr(module, "rotate", broken)
         with pytest.raises(SelfCheckError, match="after evictions"):
             enable_streaming(model, WINDOW, SINKS, static_shapes=static)
         assert check_against_oracle(model, [1] * 40, static=static, verify=False) > 100 * TOLERANCE

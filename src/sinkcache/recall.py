@@ -216,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input, with one line on stderr)."""
-    from .perplexity import BenchmarkError, load_tokenizer
+    from .inputs import BenchmarkError, load_tokenizer
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:

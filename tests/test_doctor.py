@@ -32,7 +32,8 @@ def test_a_failing_self_check_is_one_line_and_exit_1(capsys, monkeypatch):
 def test_bad_input_is_exit_2_with_one_line():
     done = subprocess.run([sys.executable, "-m", "sinkcache", "doctor", "--threads", "0"], capture_output=True,
                           text=True)
-    assert done.returncode == 2 and done.stderr.strip() == "doctor: error: --threads must be at least 1, got 0."
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "python -m sinkcache doctor: error: --threads must be at least 1, got 0.")
     done = subprocess.run([sys.executable, "-m", "sinkcache", "doctor", "--model", "./no/such/folder"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "No model folder ./no/such/folder" in done.stderr

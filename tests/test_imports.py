@@ -102,7 +102,7 @@ def test_the_graph_sees_every_kind_of_import():
     from the package above, but not those for type checkers; and it finds a cycle when there is one."""
     graph = import_graph()
     assert "sinkcache.compat" in graph["sinkcache.patch"]  # from . import compat (a submodule)
-    assert "sinkcache.sinks" in graph["sinkcache.__main__"]  # from .sinks import main, inside a function
+    assert "sinkcache.inputs" in graph["sinkcache.recall"]  # from .inputs import ..., inside recall.main
     assert "sinkcache.cache" in graph["sinkcache"]  # from .cache import SinkCache (a name)
     assert "sinkcache.compat" in graph["sinkcache.cache.sink_cache"]  # from .. import compat
     assert "sinkcache.cache.group" not in graph["sinkcache.cache.layers"]  # under TYPE_CHECKING only

@@ -58,6 +58,9 @@ def test_the_console_command_runs_every_subcommand():
     for subcommand in ("sinks", "perplexity", "recall", "doctor", "serve"):
         done = subprocess.run([str(command), subcommand, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "--model" in done.stdout, subcommand
+        assert done.stdout.startswith(f"usage: sinkcache {subcommand} "), subcommand
+    done = subprocess.run([str(command), "doctor", "--threads", "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("sinkcache doctor: error: --threads")
 
 
 def test_readme_images_and_links_work_on_the_package_index():

@@ -384,19 +384,23 @@ def test_layers_of_other_shapes_and_value_widths(static):
     (4, 4, ValueError, "Increase window_length"),
     (3, 5, ValueError, "Increase window_length"),
     (0, 0, ValueError, "Increase window_length"),
-    (-8, 2, ValueError, "must be >= 0"),
-    (8, -1, ValueError, "must be >= 0"),
+    (-8, 2, ValueError, r"window_length \(-8\) must be larger than num_sink_tokens \(2\).*at least num_sink"),
+    (-5, 0, ValueError, r"at least num_sink_tokens \+ 1"),
+    (8, -1, ValueError, "num_sink_tokens must be >= 0"),
     (8.0, 2, TypeError, "must be an int"),
     (8, 2.5, TypeError, "must be an int"),
     ("8", 2, TypeError, "must be an int"),
     (True, 0, TypeError, "must be an int"),
 ])
 def test_invalid_sizes(window, sinks, error, fix):
-    with pytest.raises(error, match=fix):
+    """Each message names what the user called, and states the bound that holds (window_length > num_sink_tokens)."""
+    with pytest.raises(error, match=fix) as caught:
         SinkCache(window, sinks)
+    assert str(caught.value).startswith("SinkCache ")
     model = tiny_model("llama", layers=1)
-    with pytest.raises(error, match=fix):
+    with pytest.raises(error, match=fix) as caught:
         enable_streaming(model, window, sinks)
+    assert str(caught.value).startswith("enable_streaming ")
     assert not is_streaming(model)
 
 

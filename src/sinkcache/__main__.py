@@ -12,14 +12,19 @@ input, as each command does.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMANDS = {"sinks": "measure a model's attention sinks", "perplexity": "the perplexity benchmark",
-            "recall": "a recall probe: planted passcodes asked for at growing distances",
-            "doctor": "versions, and the self-check: does this install stream exactly?",
-            "serve": "an OpenAI-compatible chat server, one SinkCache per conversation"}
+#: command -> what it does; each is the module ``sinkcache.<command>``, whose ``main(argv, prog)`` runs it
+COMMANDS = {
+    "sinks": "measure a model's attention sinks",
+    "perplexity": "the perplexity benchmark",
+    "recall": "a recall probe: planted passcodes asked for at growing distances",
+    "doctor": "versions, and the self-check: does this install stream exactly?",
+    "serve": "an OpenAI-compatible chat server, one SinkCache per conversation",
+}
 
 
 def invoked_as() -> str:
@@ -35,26 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: {invoked_as()} {{{','.join(COMMANDS)}}} [options] ({listing})")
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "sinks":
-        from .sinks import main as sinks_main
-
-        return sinks_main(rest)
-    if command == "recall":
-        from .recall import main as recall_main
-
-        return recall_main(rest)
-    if command == "doctor":
-        from .doctor import main as doctor_main
-
-        return doctor_main(rest)
-    if command == "perplexity":
-        from .perplexity import main as perplexity_main
-
-        return perplexity_main(rest)
-    if command == "serve":
-        from .serve import main as serve_main
-
-        return serve_main(rest)
+    if command in COMMANDS:  # imported on demand: each command pulls in what it alone needs
+        module = importlib.import_module(f".{command}", __package__)
+        return module.main(rest, prog=f"{invoked_as()} {command}")
     print(f"sinkcache: error: unknown command {command!r}; choose from {', '.join(COMMANDS)} (see --help).",
           file=sys.stderr)
     return 2

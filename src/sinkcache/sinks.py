@@ -544,10 +544,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m sinkcache sinks``; defaults are ``SinkSettings``'s."""
+def parser(prog: str = "python -m sinkcache sinks") -> argparse.ArgumentParser:
+    """The command line of ``sinkcache sinks``; defaults are ``SinkSettings``'s."""
     d = SinkSettings()
-    p = cli.parser("python -m sinkcache sinks", __doc__.split("\n\n")[0], SinkMeasureError)
+    p = cli.parser(prog, __doc__.split("\n\n")[0], SinkMeasureError)
     p.add_argument("--text", metavar="FILE", default=d.text, help="UTF-8 text; none: CPython's pydoc_data docs")
     p.add_argument("--num-tokens", type=int, default=d.num_tokens, help="tokens of the text run through the model")
     p.add_argument("--num-first", type=int, default=d.num_first, help="first tokens to report on")
@@ -559,14 +559,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, with one line on stderr)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache sinks") -> int:
+    """Run the command line as ``prog``; returns the exit status (2 for bad input, with one line on stderr)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = SinkSettings(**vars(parser().parse_args(args)))
-        summary = run(settings, command=" ".join(["python -m sinkcache sinks", *args]))
+        settings = SinkSettings(**vars(parser(prog).parse_args(args)))
+        summary = run(settings, command=" ".join([prog, *args]))
     except SinkMeasureError as error:
-        print(f"sinks: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     per_layer = ", ".join(f"{share:.2f}" for share in summary["share_first_token_per_layer"])
     print(f"{summary['model_name']}, {summary['num_tokens']:,} tokens, {summary['queries']:,} queries "

@@ -15,6 +15,24 @@ from .layers import SlidingLayer, StreamLayer
 from .step import StreamStep
 
 
+def check_sizes(window_length: object, num_sink_tokens: object, static_shapes: object, caller: str) -> None:
+    """Refuse sizes no cache can have, with messages that name ``caller`` (the function the user called)."""
+    for name, value in (("window_length", window_length), ("num_sink_tokens", num_sink_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{caller} {name} must be an int, got {type(value).__name__} {value!r}.")
+    assert isinstance(window_length, int) and isinstance(num_sink_tokens, int)
+    if num_sink_tokens < 0:
+        raise ValueError(f"{caller} num_sink_tokens must be >= 0, got {num_sink_tokens}.")
+    if window_length <= num_sink_tokens:
+        raise ValueError(
+            f"{caller} window_length ({window_length}) must be larger than num_sink_tokens ({num_sink_tokens}): it "
+            "counts the sinks plus at least one recent token, so it must be at least num_sink_tokens + 1. Increase "
+            "window_length."
+        )
+    if not isinstance(static_shapes, bool):
+        raise TypeError(f"{caller} static_shapes must be True or False, got {static_shapes!r}.")
+
+
 class SinkCache(StreamStep):
     """A KV cache that keeps the first ``num_sink_tokens`` tokens forever plus a rolling window of recent tokens.
 
@@ -31,18 +49,7 @@ class SinkCache(StreamStep):
     """
 
     def __init__(self, window_length: int = 1024, num_sink_tokens: int = 4, *, static_shapes: bool = False):
-        for name, value in (("window_length", window_length), ("num_sink_tokens", num_sink_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"SinkCache {name} must be an int, got {type(value).__name__} {value!r}.")
-            if value < 0:
-                raise ValueError(f"SinkCache {name} must be >= 0, got {value}.")
-        if window_length <= num_sink_tokens:
-            raise ValueError(
-                f"SinkCache window_length ({window_length}) must be larger than num_sink_tokens ({num_sink_tokens}): "
-                "it counts the sinks plus at least one recent token. Increase window_length."
-            )
-        if not isinstance(static_shapes, bool):
-            raise TypeError(f"SinkCache static_shapes must be True or False, got {static_shapes!r}.")
+        check_sizes(window_length, num_sink_tokens, static_shapes, "SinkCache")
         super().__init__(window_length, num_sink_tokens, static_shapes)
 
     def __repr__(self) -> str:

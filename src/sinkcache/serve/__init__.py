@@ -22,10 +22,10 @@ class ServeError(Exception):
     """Bad command-line input or setup; printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m sinkcache serve") -> argparse.ArgumentParser:
     from ..cli import parser
 
-    p = parser("python -m sinkcache serve", DESCRIPTION, ServeError)
+    p = parser(prog, DESCRIPTION, ServeError)
     p.add_argument("--window-length", type=int, default=1024, help="tokens each conversation's cache keeps, sinks "
                    "included")
     p.add_argument("--num-sink-tokens", type=int, default=4, help="first tokens of each conversation kept forever")
@@ -55,10 +55,11 @@ def model_name(model: str, gguf_file: str | None) -> str:
     return Path(model.rstrip("/")).name or model
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until interrupted; returns the exit status (2 with one line on stderr for bad input)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache serve") -> int:
+    """Run the server until interrupted; returns the exit status (2 with one line on stderr for bad input, naming
+    ``prog``)."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
         for name in ("window_length", "max_tokens", "max_tokens_limit", "max_queue"):
             if getattr(args, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -71,10 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             import fastapi  # noqa: F401
             import uvicorn
         except ImportError as error:
-            raise ServeError(f"The server needs {error.name}: pip install 'sinkcache[serve]'.") from None
+            raise ServeError(f"The server needs {error.name}: pip install \"fastapi>=0.110\" \"uvicorn>=0.29\" "
+                             "(the serve extra).") from None
         return serve(args, uvicorn)
     except ServeError as error:
-        print(f"sinkcache serve: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@ whose tests run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -83,3 +84,14 @@ def test_sdist_tests_run(built, tmp_path):
                           cwd=unpacked, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:]
     assert re.search(r"\d+ passed", done.stdout)
+
+
+def test_verified_release_is_the_newest_row_of_the_compatibility_matrix():
+    """The release the self-check's error names as verified is the newest that passed the matrix (a fact about this
+    repository, not about the installed release: so it sits here, outside the matrix's core tests)."""
+    from sinkcache import compat
+
+    results = json.loads((ROOT / "docs" / "compat" / "results.json").read_text())["results"]
+    passing = [row["version"] for row in results if row["result"] == "pass"]
+    newest = max(passing, key=lambda version: tuple(int(part) for part in version.split(".")))
+    assert compat.VERIFIED_TRANSFORMERS == newest

@@ -5,8 +5,6 @@ offset, keys rotated at other positions than the cache's)."""
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +13,6 @@ import transformers
 from sinkcache import SelfCheckError, SinkCache, compat, enable_streaming, is_streaming, selfcheck
 from tests.oracle import contract_visible
 from tests.zoo import ARCHITECTURES, tiny_model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def count_forwards(model) -> list[int]:
@@ -143,9 +139,3 @@ def test_positions_taken_from_the_stream_instead_of_the_cache_are_refused():
     wrap_decoder(model, lambda kwargs: {k: v for k, v in kwargs.items() if k != "position_ids"})
     expect_refusal(model, DIFFERED)
 
-
-def test_verified_release_is_the_newest_row_of_the_compatibility_matrix():
-    results = json.loads((ROOT / "docs" / "compat" / "results.json").read_text())["results"]
-    passing = [row["version"] for row in results if row["result"] == "pass"]
-    newest = max(passing, key=lambda version: tuple(int(part) for part in version.split(".")))
-    assert compat.VERIFIED_TRANSFORMERS == newest

@@ -35,7 +35,11 @@ def test_ledger_counts_and_hashes_what_generate_fed(model):
     # the last generated token is not fed yet: the ledger covers the prompt and the first 9 generated tokens
     assert cache.ledger.count == cache.seen == 49
     assert cache.ledger.hashes == [extend(0, (int(i) + 1 for i in out[0, :49]))]
-    assert cache.ledger.matches(out) and not cache.ledger.matches(TOKENS[:1, :60])
+    cache.ledger.require_prefix(out)  # the output continues the stream: accepted
+    with pytest.raises(PrefixMismatchError, match="not the 49 tokens"):
+        cache.ledger.require_prefix(TOKENS[:1, :60])
+    with pytest.raises(PrefixMismatchError, match="at least one new one"):  # transformers would feed it all again
+        cache.ledger.require_prefix(out[:, :49])
 
 
 def test_continuing_the_stream_is_accepted_and_a_different_prefix_refused(model):
@@ -48,8 +52,11 @@ def test_continuing_the_stream_is_accepted_and_a_different_prefix_refused(model)
     with pytest.raises(PrefixMismatchError, match=r"first 49 tokens \(row 0\) are not the 49 tokens.*new SinkCache"):
         greedy(model, wrong, 5, cache=cache)
     assert cache.seen == seen  # refused before anything was fed
-    with pytest.raises(PrefixMismatchError, match="prompt has 30 tokens but this SinkCache has already consumed 49"):
+    with pytest.raises(PrefixMismatchError, match="prompt has 30 tokens and this SinkCache has already consumed 49"):
         greedy(model, TOKENS[:1, :30], 5, cache=cache)
+    with pytest.raises(PrefixMismatchError, match="at least one new one"):  # the consumed tokens and nothing new
+        greedy(model, out[:, :49], 5, cache=cache)
+    assert cache.seen == seen
     with pytest.raises(ValueError, match="another conversation"):  # PrefixMismatchError is a ValueError
         greedy(model, TOKENS[:1, 100:160], 5, cache=cache)  # another conversation on the same cache
     continued = greedy(model, turn2, 5, cache=cache)  # the right one goes on, exactly as one fresh stream would

@@ -277,3 +277,31 @@ def test_example_chat_client_chats_and_its_later_turns_are_cached(server):
     usage = [line for line in run.stdout.splitlines() if line.startswith("[usage]")]
     assert len(usage) == 3 and "cached=0 " in usage[0]
     assert all("cached=0 " not in line and "generated=4" in line for line in usage[1:])
+
+
+def test_a_request_with_nothing_new_to_feed_starts_a_new_session():
+    """A request whose ids are all consumed already (a completion's prompt plus its reply that ended on the stop
+    token, sent back as is) must not continue the session: generate() would feed the whole prompt again on top of
+    the cache. It gets a new session; one token more continues the kept one."""
+    import torch
+
+    from sinkcache import CACHE_KWARG, SinkCache, enable_streaming
+    from sinkcache.serve.sessions import Session, SessionStore
+    from tests.zoo import tiny_model
+
+    def tokenize(text: str) -> list[int]:
+        return [3 + ord(character) % 90 for character in text]
+
+    model = enable_streaming(tiny_model("llama"), W, S)
+    ids = torch.tensor(tokenize("abcde"))
+    cache = SinkCache(W, S)
+    with torch.no_grad():
+        model(input_ids=ids[None], **{CACHE_KWARG: cache})
+    kept = Session(cache)
+    kept.extend(ids, b"abcde")
+    store = SessionStore(2**30, lambda: SinkCache(W, S))
+    store.put(kept)
+    claim = store.claim("abcde", tokenize)
+    assert claim.session is not kept and claim.session.cache.seen == 0 and len(store) == 1
+    claim = store.claim("abcdef", tokenize)
+    assert claim.session is kept and claim.ids.tolist() == tokenize("abcdef") and len(store) == 0

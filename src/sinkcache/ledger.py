@@ -113,15 +113,6 @@ class TokenLedger:
         if self.hashes is not None:
             self.hashes = [self.hashes[i] for i in index.tolist()]
 
-    def matches(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
-        """Whether every row of ``ids`` [batch, >= count] begins with the columns consumed (``False`` when they
-        cannot be checked)."""
-        try:
-            self.require_prefix(ids, attention_mask)
-        except PrefixMismatchError:
-            return False
-        return True
-
     def require_prefix(self, ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None) -> None:
         """Check that a prompt continues the stream: its first ``count`` columns are those consumed.
 
@@ -151,10 +142,10 @@ class TokenLedger:
                 f"This SinkCache cannot check that the prompt continues its stream: {self.unknown or 'no ids'}. "
                 f"{fresh} To continue such a stream, call the model directly with the new columns only.")
         batch, columns = ids.shape[0], ids.shape[-1]
-        if columns < self.count:
+        if columns <= self.count:  # transformers would then feed the whole prompt again, on top of the cache
             raise PrefixMismatchError(
-                f"The prompt has {columns} tokens but this SinkCache has already consumed {self.count}: generate() "
-                "takes the whole conversation so far (the consumed tokens, then the new ones). " + fresh)
+                f"The prompt has {columns} tokens and this SinkCache has already consumed {self.count}: generate() "
+                "takes the whole conversation so far (the consumed tokens, then at least one new one). " + fresh)
         if batch != len(self.hashes):
             raise PrefixMismatchError(
                 f"The prompt has {batch} rows but this SinkCache's stream has {len(self.hashes)}. " + fresh)

@@ -75,7 +75,7 @@ def enable_streaming(
             bounds prefill memory by the cache size instead of the prompt length.
         static_shapes: give ``generate``'s caches static shapes (``SinkCache(..., static_shapes=True)``), so that
             the decode step of a compiled model (``torch.compile``) compiles once.
-        verify: run the self-check (``sinkcache.selfcheck``: 10 short forward calls, once per model and process)
+        verify: run the self-check (``sinkcache.selfcheck``: 9 short forward calls, once per model and process)
             that proves streaming exact on this model and the installed transformers. ``False`` skips it, for a
             model and release known to pass; the one-token rotation probe (2 calls) still runs.
 
@@ -253,8 +253,10 @@ def _positions_for_step(cache: SinkCache, kwargs: dict, rope: RopeSpec, decoder:
             "per-layer mask cannot follow the cache's evictions. Pass the usual padding mask."
         )
     position_ids, slot_mask = cache.begin_step(batch, n, None if mask is None else mask[:, -n:], rope, inputs.device)
-    # sinkcache.ledger: what this step consumed, for generate()'s check that a later prompt continues the stream
-    cache.ledger.record(kwargs.get("input_ids"), None if mask is None else mask[:, -n:] != 0, batch, n)
+    # sinkcache.ledger: what this step consumed, for generate()'s check that a later prompt continues the stream (the
+    # plan's validity of the new columns: on the CPU, and None when all are real tokens, as in every decode step)
+    assert cache.plan is not None
+    cache.ledger.record(kwargs.get("input_ids"), cache.plan.new_mask, batch, n)
     kwargs["position_ids"] = position_ids
     if with_cache_position:
         queries = cache.query_indices(inputs.device)

@@ -16,7 +16,9 @@ its hook installed, and compares every logit with a reference that uses no cache
   sinks' own moved there (RoPE sees distances only). Sliding-window layers also drop keys ``window`` or more
   positions back. Attention implementations that take no custom mask (flash attention) run it as ``sdpa``.
 
-That is ``len(STREAM) + 1`` = 9 forward calls of at most 30 tokens. The verdict is kept per model for the process
+That is ``len(STREAM) + 1`` = 9 forward calls of at most 30 tokens. In so small a cache every layer of a real model
+is a full-attention ``SinkLayer``: a ``SlidingLayer`` (a sliding window shorter than the user's ``window_length``)
+is not run here on the user's model; the test matrix checks that layer kind on tiny models of every release. The verdict is kept per model for the process
 (``passed``), so enabling the same model again costs nothing. ``SelfCheckError`` says what differed and on which
 transformers release.
 """

@@ -85,6 +85,8 @@ def serve(args: argparse.Namespace, uvicorn) -> int:  # type: ignore[no-untyped-
 
     from .. import offline
     from ..patch import enable_streaming
+    from ..rotary import UnsupportedModelError
+    from ..selfcheck import SelfCheckError
     from .app import create_app
     from .engine import Engine
 
@@ -101,7 +103,8 @@ def serve(args: argparse.Namespace, uvicorn) -> int:  # type: ignore[no-untyped-
     try:
         model, tokenizer = offline.load_model(args.model, args.gguf_file)
         enable_streaming(model, args.window_length, args.num_sink_tokens)
-    except (offline.SetupError, ValueError) as error:
+    except (offline.SetupError, ValueError, SelfCheckError, UnsupportedModelError) as error:
+        sock.close()
         raise ServeError(str(error)) from None
     name = args.served_model_name or model_name(args.model, args.gguf_file)
     engine = Engine(model, tokenizer, args.window_length, args.num_sink_tokens,
@@ -117,4 +120,5 @@ def serve(args: argparse.Namespace, uvicorn) -> int:  # type: ignore[no-untyped-
         server.run(sockets=[sock])
     finally:
         engine.close()
+        sock.close()
     return 0

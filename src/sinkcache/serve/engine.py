@@ -17,7 +17,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +53,6 @@ class Result:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens the session's cache had already consumed: not fed again
     completion_tokens: int  # generated tokens, the stop token included
-    matched: str  # how the request found its session: "text", "ids" or "new"
 
 
 @dataclass
@@ -108,14 +106,12 @@ class _Replies(BaseStreamer):
         self.ids: list[int] = []
         self.sent = ""
         self.prompt_seen = False
-        self.first_token_at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate's first call gives the prompt
             self.prompt_seen = True
             return
         self.ids += value.reshape(-1).tolist()
-        self.first_token_at = self.first_token_at or time.perf_counter()
         text = self.engine.decode(self.reply_ids())
         if not text.endswith("\ufffd"):
             self.flush(text)
@@ -259,4 +255,4 @@ class Engine:
                            (settings.prompt + text).encode())
             self.store.put(session)
         finish = "stop" if len(reply) < len(generated) else "length"
-        return Result(text, finish, ids.numel(), cached, len(generated), claim.how)
+        return Result(text, finish, ids.numel(), cached, len(generated))

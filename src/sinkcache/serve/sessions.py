@@ -66,12 +66,11 @@ class Session:
 
 @dataclass
 class Claim:
-    """What a request continues: ``session`` (taken out of the store), the request's ``ids`` ``[tokens]`` and
-    ``how`` it matched: ``"text"``, ``"ids"`` or ``"new"``."""
+    """What a request continues: ``session`` (taken out of the store, or a new one) and the request's ``ids``
+    ``[tokens]``."""
 
     session: Session
     ids: torch.Tensor
-    how: str
 
 
 class SessionStore:
@@ -102,9 +101,11 @@ class SessionStore:
         with self._lock:
             found = self._by_text(data)
             if found is not None:
-                session = self._sessions.pop(id(found))
-                tail = torch.tensor(tokenize(data[session.text_bytes:].decode()), dtype=torch.long)
-                return Claim(session, torch.cat([session.ids, tail]), "text")
+                tail = torch.tensor(tokenize(data[found.text_bytes:].decode()), dtype=torch.long)
+                continued = torch.cat([found.ids, tail])
+                if continued.numel() > found.cache.seen:  # generate() needs a token the cache has not consumed
+                    del self._sessions[id(found)]
+                    return Claim(found, continued)
         ids = tokenize(text)
         with self._lock:
             found = self._by_ids(ids)
@@ -112,8 +113,8 @@ class SessionStore:
                 self._sessions.pop(id(found))
         tensor = torch.tensor(ids, dtype=torch.long)
         if found is not None:
-            return Claim(found, tensor, "ids")
-        return Claim(Session(self.new_cache()), tensor, "new")
+            return Claim(found, tensor)
+        return Claim(Session(self.new_cache()), tensor)
 
     def _by_text(self, data: bytes) -> Session | None:
         """The kept session with the longest text that ``data`` begins with."""
@@ -128,7 +129,7 @@ class SessionStore:
         """The kept session with the most consumed ids that ``ids`` begins with (by the ledgers' hashes)."""
         ledgers = [(s, s.cache.ledger) for s in self._sessions.values()
                    if s.cache.ledger.hashes is not None and len(s.cache.ledger.hashes) == 1
-                   and s.cache.ledger.count <= len(ids) and not s.cache.ledger.padded]
+                   and s.cache.ledger.count < len(ids) and not s.cache.ledger.padded]
         hashes = prefix_hashes(ids, (ledger.count for _, ledger in ledgers))
         matching = [(ledger.count, s) for s, ledger in ledgers if [hashes[ledger.count]] == ledger.hashes]
         return max(matching, key=lambda pair: pair[0])[1] if matching else None

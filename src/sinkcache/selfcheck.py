@@ -18,9 +18,10 @@ its hook installed, and compares every logit with a reference that uses no cache
 
 That is ``len(STREAM) + 1`` = 9 forward calls of at most 30 tokens. In so small a cache every layer of a real model
 is a full-attention ``SinkLayer``: a ``SlidingLayer`` (a sliding window shorter than the user's ``window_length``)
-is not run here on the user's model; the test matrix checks that layer kind on tiny models of every release. The verdict is kept per model for the process
-(``passed``), so enabling the same model again costs nothing. ``SelfCheckError`` says what differed and on which
-transformers release.
+is not run here on the user's model; the test matrix checks that layer kind on tiny models of every release.
+
+The verdict is kept per model for the process (``passed``), so enabling the same model again costs nothing.
+``SelfCheckError`` says what differed and on which transformers release.
 """
 
 from __future__ import annotations

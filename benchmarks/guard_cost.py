@@ -29,7 +29,7 @@ def median_s(call: Callable[[], object], repeats: int) -> float:
 def main() -> None:
     ids = torch.randint(0, 49152, (1, CONVERSATION), generator=torch.Generator().manual_seed(0))
     ledger = TokenLedger()
-    ledger.record(ids, None, 1, CONVERSATION)
+    ledger.record(ids[:, :-1], None, 1, CONVERSATION - 1)  # a turn's prompt: what was consumed, then a new token
     check = median_s(lambda: ledger.require_prefix(ids), 200)
     print(f"require_prefix on a {CONVERSATION}-token conversation (once per turn): {check * 1e3:.3f} ms")
     one = ids[:, :1]

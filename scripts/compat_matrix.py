@@ -49,8 +49,8 @@ def newest_patch_of_each_minor() -> list[str]:
     newest: dict[tuple[int, int], tuple[int, ...]] = {}
     for text in listed.group(1).split(", "):
         if re.fullmatch(r"5\.\d+\.\d+", text):
-            release = tuple(int(part) for part in text.split("."))
-            newest[release[:2]] = max(newest.get(release[:2], release), release)
+            numbers = release(text)
+            newest[numbers[:2]] = max(newest.get(numbers[:2], numbers), numbers)
     return [".".join(map(str, newest[minor])) for minor in sorted(newest)]
 
 

@@ -9,14 +9,16 @@
 
 One client, streamed, greedy; the user turns are sentences of the bundled text (CPython's docs). Per turn it
 records the time to the first token, the total time, the prompt tokens the server fed (``prompt_tokens -
-cached_tokens``) and the server's resident memory after the turn. Writes ``results.json`` and ``serve.png``.
-Servers listen on 127.0.0.1 only and are stopped at the end.
+cached_tokens``) and the server's memory after the turn: the PSS of its process and of those it started
+(transformers serve runs its model in a child). Writes ``results.json`` and ``serve.png``. Servers listen on
+127.0.0.1 only and are stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -50,8 +52,10 @@ def command(kind: str, args: argparse.Namespace, port: int) -> tuple[list[str], 
     gguf = offline.smollm2_gguf() if args.model == offline.DEFAULT_MODEL else None
     target = f"{gguf.parent}:{gguf.name}" if gguf else args.model
     exe = Path(sys.executable).with_name("transformers")
-    return [str(exe), "serve", target, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"], \
-        f"http://127.0.0.1:{port}"
+    # float32, the dtype sinkcache's loader de-quantises GGUF weights to, stated so that both servers run the same
+    # arithmetic whatever ``auto`` resolves to in a given release (float32 for this file in 5.25)
+    return [str(exe), "serve", target, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+            "--dtype", "float32"], f"http://127.0.0.1:{port}"
 
 
 def run_chat(server: Server, model: str, turns: list[str], max_tokens: int, timeout_s: float) -> list[dict[str, Any]]:
@@ -81,10 +85,10 @@ def run_chat(server: Server, model: str, turns: list[str], max_tokens: int, time
                      "total_s": round(total, 4), "prompt_tokens": prompt, "cached_tokens": cached,
                      "fed_tokens": None if prompt is None else prompt - cached,
                      "completion_tokens": usage.completion_tokens if usage else None,
-                     "rss_mib": round(server.rss_bytes() / 2**20, 1)})
+                     "memory_mib": round(server.tree_pss_bytes() / 2**20, 1)})
         messages.append({"role": "assistant", "content": reply})
         print(f"turn {number}: ttft {rows[-1]['ttft_s']:.3f} s, total {total:.2f} s, fed {rows[-1]['fed_tokens']} "
-              f"of {prompt}, rss {rows[-1]['rss_mib']} MiB", flush=True)
+              f"of {prompt}, memory {rows[-1]['memory_mib']} MiB", flush=True)
     return rows
 
 
@@ -99,7 +103,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return round(statistics.median(values), 4) if values else None
 
     out: dict[str, Any] = {"turns": len(rows), "wall_s": round(sum(r["total_s"] for r in rows), 1)}
-    for key in ("ttft_s", "total_s", "fed_tokens", "rss_mib"):
+    for key in ("ttft_s", "total_s", "fed_tokens", "memory_mib"):
         out[f"{key}_first_tenth"], out[f"{key}_last_tenth"] = median(head, key), median(tail, key)
     out["continued_share"] = round(sum(r["cached_tokens"] > 0 for r in rows[1:]) / max(len(rows) - 1, 1), 3)
     return out
@@ -112,7 +116,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("ttft_s", "time to first token (s)"), ("fed_tokens", "prompt tokens fed"),
-              ("rss_mib", "server memory (RSS, MiB)")]
+              ("memory_mib", "server memory (PSS of its processes, MiB)")]
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
     for axis, (key, label) in zip(axes, panels):
         for kind, run in results["runs"].items():
@@ -161,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         argv_, url = command(kind, args, args.port)
         print(f"== {kind}: {' '.join(argv_)}", flush=True)
-        with Server(argv_, url=url, health="/v1/models" if url else "/health", timeout_s=args.timeout) as server:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # transformers serve has no threads option
+        with Server(argv_, url=url, health="/v1/models" if url else "/health", timeout_s=args.timeout,
+                    env=env) as server:
             model = server.get("/v1/models")["data"][0]["id"]
             rows = run_chat(server, model, turns, args.max_tokens, args.timeout)
         results["runs"][kind] = {"command": argv_, "summary": summarize(rows), "per_turn": rows}

@@ -155,13 +155,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--window-length", type=int, default=256, help="when starting the server")
     parser.add_argument("--threads", type=int, default=2, help="the started server's torch threads")
+    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="KIB", help="the started server's "
+                        "--mmap-threshold (default: the server's; 0 leaves glibc's dynamic threshold)")
     parser.add_argument("--out", default=None, help="write the summary as JSON here")
     args = parser.parse_args()
 
     from sinkcache.serve.launch import Server, serve_command
 
-    server = None if args.url else Server(serve_command("--window-length", str(args.window_length), "--threads",
-                                                        str(args.threads)))
+    options = ["--window-length", str(args.window_length), "--threads", str(args.threads)]
+    if args.mmap_threshold is not None:
+        options += ["--mmap-threshold", str(args.mmap_threshold)]
+    server = None if args.url else Server(serve_command(*options))
     if server is not None:
         server.start()
     try:
@@ -175,7 +179,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    summary = {"clients": args.clients, "turns": args.turns, "max_tokens": args.max_tokens, **result.summary()}
+    summary = {"clients": args.clients, "turns": args.turns, "max_tokens": args.max_tokens,
+               "server": server.command[1:] if server else args.url, **result.summary()}
     print(json.dumps(summary, indent=1))
     for turn in result.turns:
         if turn.error:

@@ -77,6 +77,15 @@ def test_models_health_and_the_cli_refusing_bad_options(server, api, folder):
     assert bad.returncode == 2 and "--window-length must be at least 1" in bad.stderr
 
 
+@pytest.mark.parametrize("option, value", [("--mmap-threshold", "-1"), ("--session-memory", "-2"),
+                                           ("--port", "70000")])
+def test_the_cli_refuses_out_of_range_options_before_loading_a_model(capsys, option, value):
+    from sinkcache.serve import main
+
+    assert main([option, value], prog="sinkcache serve") == 2
+    assert f"sinkcache serve: error: {option} must be" in capsys.readouterr().err
+
+
 def test_replies_equal_the_library_turn_by_turn_past_the_window(api, tiny):
     """Item 4: 14 turns (about 600 tokens through a 32-token cache), streamed and not, each reply equal to
     model.generate's on one SinkCache; every turn after the first continues its session."""

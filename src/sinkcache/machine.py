@@ -1,4 +1,5 @@
-"""The machine a measurement ran on, and this process's CPU memory: what the benchmarks and examples report.
+"""The machine a measurement ran on, and this process's CPU memory: what the benchmarks and examples report, and
+the one allocator setting a long-running server needs.
 
 Memory comes from Linux's /proc: ``VmRSS`` is the resident set size now, ``VmHWM`` its peak ("high water mark"),
 which writing ``5`` to ``/proc/self/clear_refs`` resets to the current size (proc(5)). Elsewhere these read as
@@ -7,6 +8,7 @@ which writing ``5`` to ``/proc/self/clear_refs`` resets to the current size (pro
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from pathlib import Path
@@ -73,3 +75,24 @@ def peak_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return status_bytes("VmHWM")
+
+
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> option number for mallopt(3)
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Make glibc give every allocation of ``nbytes`` or more its own ``mmap``, returned to the system when freed.
+
+    glibc's threshold is dynamic by default: each time a block that large is freed it raises the threshold to that
+    block's size (up to 32 MiB), so later blocks of that size come from the heap instead. A process that runs for
+    hours allocating blocks of varying sizes (a server prefilling prompts of varying lengths) fragments that heap
+    and its resident memory creeps up though it holds no more tensors. Setting the threshold with ``mallopt`` also
+    turns that adjustment off (mallopt(3)), which keeps such a process flat; this is what ``MALLOC_MMAP_THRESHOLD_``
+    in the environment does at start-up.
+
+    Returns True once set; False, changing nothing, where the C library is not glibc (musl, macOS, Windows).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,9 @@ def build_parser(prog: str = "python -m sinkcache serve") -> argparse.ArgumentPa
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 503")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--mmap-threshold", type=int, default=64, metavar="KIB", help="on glibc, give every allocation "
+                   "of this many KiB or more its own mmap, which keeps the server's memory flat over hours (0: leave "
+                   "glibc's dynamic threshold; MALLOC_MMAP_THRESHOLD_ in the environment takes precedence)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -63,8 +67,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache ser
         for name in ("window_length", "max_tokens", "max_tokens_limit", "max_queue"):
             if getattr(args, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-        if args.session_memory < 0 or not 0 <= args.port < 65536:
-            raise ServeError("--session-memory must be >= 0 and --port between 0 and 65535.")
+        for name in ("session_memory", "mmap_threshold"):
+            if getattr(args, name) < 0:
+                raise ServeError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}.")
+        if not 0 <= args.port < 65536:
+            raise ServeError(f"--port must be between 0 and 65535, got {args.port}.")
         if args.max_tokens > args.max_tokens_limit:
             raise ServeError(f"--max-tokens ({args.max_tokens}) must not exceed --max-tokens-limit "
                              f"({args.max_tokens_limit}).")
@@ -83,7 +90,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache ser
 def serve(args: argparse.Namespace, uvicorn) -> int:  # type: ignore[no-untyped-def]
     import torch
 
-    from .. import offline
+    from .. import machine, offline
     from ..patch import enable_streaming
     from ..rotary import UnsupportedModelError
     from ..selfcheck import SelfCheckError
@@ -91,6 +98,10 @@ def serve(args: argparse.Namespace, uvicorn) -> int:  # type: ignore[no-untyped-
     from .engine import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Each prompt is prefilled as a chunk, for which a cache briefly holds window + chunk slots; with glibc's
+    # dynamic threshold those varying blocks end up in a fragmenting heap and RSS drifts up (docs/serve.md).
+    if args.mmap_threshold and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        machine.fix_mmap_threshold(args.mmap_threshold * 1024)
     if args.threads:
         torch.set_num_threads(args.threads)
     # bind first, so that a busy port fails before the model loads, and --port 0 can print the port it got

@@ -90,6 +90,28 @@ class Server:
                 return int(line.split()[1]) * 1024
         return 0
 
+    def tree_pss_bytes(self) -> int:
+        """The proportional set size (PSS) of the server and every process it started, in bytes (Linux; 0
+        elsewhere). This is the measure that compares servers: some run the model in a child process (``transformers
+        serve`` does), and summing RSS would count the libraries they share once per process."""
+        assert self.process is not None
+        children: dict[int, list[int]] = collections.defaultdict(list)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:  # the parent pid is the second field after the parenthesised command name
+                children[int(stat.read_text().rsplit(")", 1)[1].split()[1])].append(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
+                continue  # a process that ended while we looked
+        total, pending = 0, [self.process.pid]
+        while pending:
+            pid = pending.pop()
+            pending.extend(children.get(pid, ()))
+            try:
+                lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) * 1024 for line in lines if line.startswith("Pss:")), 0)
+        return total
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 import subprocess
 import sys
 
@@ -37,13 +37,14 @@ libc.free(block)
 """
 
 glibc_233 = pytest.mark.skipif(
-    platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+    not machine.is_glibc() or not hasattr(ctypes.CDLL(None), "mallinfo2"),
     reason="needs glibc 2.33 or newer (mallopt and mallinfo2)")
 
 
 def mmapped_growth(mode: str) -> int:
-    env_free = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env_free,
+    # without the settings that would fix the threshold from start-up
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1])
@@ -61,5 +62,16 @@ def test_without_it_glibc_moves_the_threshold_and_large_blocks_land_in_the_heap(
 
 
 def test_off_glibc_it_changes_nothing_and_says_so(monkeypatch):
-    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("", ""))
+    def no_such_name(name: str) -> str:
+        raise ValueError(f"unrecognized configuration name {name}")
+
+    monkeypatch.setattr(os, "confstr", no_such_name)  # what musl and macOS answer
+    assert machine.is_glibc() is False
     assert machine.fix_mmap_threshold(64 * 1024) is False
+
+
+@pytest.mark.parametrize("nbytes", [0, -1, (32 << 20) + 1, 3 << 30])
+def test_a_threshold_outside_what_mallopt_takes_is_refused(nbytes):
+    # 3 GiB would wrap in mallopt's C int and turn mmap off while reporting success
+    with pytest.raises(ValueError, match="between 1 byte and 32 MiB"):
+        machine.fix_mmap_threshold(nbytes)

@@ -77,13 +77,35 @@ def test_models_health_and_the_cli_refusing_bad_options(server, api, folder):
     assert bad.returncode == 2 and "--window-length must be at least 1" in bad.stderr
 
 
-@pytest.mark.parametrize("option, value", [("--mmap-threshold", "-1"), ("--session-memory", "-2"),
-                                           ("--port", "70000")])
+@pytest.mark.parametrize("option, value", [("--mmap-threshold", "-1"), ("--mmap-threshold", "40000"),
+                                           ("--session-memory", "-2"), ("--port", "70000")])
 def test_the_cli_refuses_out_of_range_options_before_loading_a_model(capsys, option, value):
     from sinkcache.serve import main
 
     assert main([option, value], prog="sinkcache serve") == 2
     assert f"sinkcache serve: error: {option} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], {}, [64 * 1024]),
+    (["--mmap-threshold", "256"], {}, [256 * 1024]),
+    (["--mmap-threshold", "0"], {}, []),
+    ([], {"MALLOC_MMAP_THRESHOLD_": "131072"}, []),
+    ([], {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}, []),
+])
+def test_the_server_fixes_the_mmap_threshold_unless_told_otherwise(monkeypatch, argv, env, expected):
+    import sinkcache.serve as serve_cli
+    from sinkcache import machine
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls: list[int] = []
+    monkeypatch.setattr(machine, "fix_mmap_threshold", lambda nbytes: calls.append(nbytes) or True)
+    monkeypatch.setattr(serve_cli, "serve", lambda args, uvicorn: 0)  # everything but the model and the socket
+    assert serve_cli.main(argv) == 0
+    assert calls == expected
 
 
 def test_replies_equal_the_library_turn_by_turn_past_the_window(api, tiny):

@@ -78,21 +78,38 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> option number for mallopt(3)
+MAX_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for its dynamic threshold on 64-bit; mallopt takes a C int
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on GNU libc (``confstr(_CS_GNU_LIBC_VERSION)`` exists only there)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):  # an unknown name, or no confstr at all (Windows)
+        return False
 
 
 def fix_mmap_threshold(nbytes: int) -> bool:
-    """Make glibc give every allocation of ``nbytes`` or more its own ``mmap``, returned to the system when freed.
+    """Make glibc serve new blocks of ``nbytes`` or more with their own ``mmap`` (returned to the system when freed)
+    rather than by growing its heap.
 
-    glibc's threshold is dynamic by default: each time a block that large is freed it raises the threshold to that
+    glibc's threshold is dynamic by default: each time an mmapped block is freed it raises the threshold to that
     block's size (up to 32 MiB), so later blocks of that size come from the heap instead. A process that runs for
     hours allocating blocks of varying sizes (a server prefilling prompts of varying lengths) fragments that heap
     and its resident memory creeps up though it holds no more tensors. Setting the threshold with ``mallopt`` also
-    turns that adjustment off (mallopt(3)), which keeps such a process flat; this is what ``MALLOC_MMAP_THRESHOLD_``
-    in the environment does at start-up.
+    turns that adjustment off (mallopt(3)), which keeps such a process flat, much as ``MALLOC_MMAP_THRESHOLD_`` in
+    the environment does from start-up (the trim threshold, which the adjustment may already have raised, is left
+    as it is).
 
-    Returns True once set; False, changing nothing, where the C library is not glibc (musl, macOS, Windows).
+    Args:
+        nbytes: the threshold, 1 byte to 32 MiB (larger values would not fit mallopt's C ``int`` on every glibc).
+
+    Returns True once set; False, changing nothing, where the C library is not glibc (musl, macOS, Windows) or
+    glibc refused the value.
     """
-    if platform.libc_ver()[0] != "glibc":
+    if not 0 < nbytes <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"The mmap threshold must be between 1 byte and {MAX_MMAP_THRESHOLD >> 20} MiB, got {nbytes}.")
+    if not is_glibc():
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1

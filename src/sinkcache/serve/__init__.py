@@ -43,9 +43,10 @@ def build_parser(prog: str = "python -m sinkcache serve") -> argparse.ArgumentPa
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 503")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--mmap-threshold", type=int, default=64, metavar="KIB", help="on glibc, give every allocation "
-                   "of this many KiB or more its own mmap, which keeps the server's memory flat over hours (0: leave "
-                   "glibc's dynamic threshold; MALLOC_MMAP_THRESHOLD_ in the environment takes precedence)")
+    p.add_argument("--mmap-threshold", type=int, default=64, metavar="KIB", help="on glibc, serve blocks of this "
+                   "many KiB or more (up to 32768) with their own mmap, which keeps the server's memory flat over "
+                   "hours (0: leave glibc's dynamic threshold; a threshold set in the environment, "
+                   "MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES, takes precedence)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -70,6 +71,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache ser
         for name in ("session_memory", "mmap_threshold"):
             if getattr(args, name) < 0:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}.")
+        from .. import machine
+
+        if args.mmap_threshold * 1024 > machine.MAX_MMAP_THRESHOLD:
+            raise ServeError(f"--mmap-threshold must be at most {machine.MAX_MMAP_THRESHOLD >> 10} KiB, got "
+                             f"{args.mmap_threshold}.")
         if not 0 <= args.port < 65536:
             raise ServeError(f"--port must be between 0 and 65535, got {args.port}.")
         if args.max_tokens > args.max_tokens_limit:
@@ -81,16 +87,32 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sinkcache ser
         except ImportError as error:
             raise ServeError(f"The server needs {error.name}: pip install \"fastapi>=0.110\" \"uvicorn>=0.29\" "
                              "(the serve extra).") from None
+        fix_allocator(args.mmap_threshold)
         return serve(args, uvicorn)
     except ServeError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
 
+def fix_allocator(threshold_kib: int) -> None:
+    """Fix glibc's mmap threshold at ``threshold_kib`` (0: leave it dynamic) unless the environment already set one.
+
+    Each prompt is prefilled as a chunk, for which a cache briefly holds window + chunk slots; with glibc's dynamic
+    threshold those varying blocks end up in a heap that fragments, and the server's memory drifts up
+    (docs/serve.md measures it)."""
+    from .. import machine
+
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not threshold_kib or "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in tunables:
+        return
+    if not machine.fix_mmap_threshold(threshold_kib * 1024) and machine.is_glibc():
+        logging.getLogger(__name__).warning("glibc refused an mmap threshold of %d KiB; left dynamic", threshold_kib)
+
+
 def serve(args: argparse.Namespace, uvicorn) -> int:  # type: ignore[no-untyped-def]
     import torch
 
-    from .. import machine, offline
+    from .. import offline
     from ..patch import enable_streaming
     from ..rotary import UnsupportedModelError
     from ..selfcheck import SelfCheckError
@@ -98,10 +120,6 @@ def serve(args: argparse.Namespace, uvicorn) -> int:  # type: ignore[no-untyped-
     from .engine import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # Each prompt is prefilled as a chunk, for which a cache briefly holds window + chunk slots; with glibc's
-    # dynamic threshold those varying blocks end up in a fragmenting heap and RSS drifts up (docs/serve.md).
-    if args.mmap_threshold and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        machine.fix_mmap_threshold(args.mmap_threshold * 1024)
     if args.threads:
         torch.set_num_threads(args.threads)
     # bind first, so that a busy port fails before the model loads, and --port 0 can print the port it got

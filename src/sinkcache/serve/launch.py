@@ -95,15 +95,20 @@ class Server:
         elsewhere). This is the measure that compares servers: some run the model in a child process (``transformers
         serve`` does), and summing RSS would count the libraries they share once per process."""
         assert self.process is not None
+        if self.process.poll() is not None:  # its children may live on, re-parented: there is no tree to measure
+            raise RuntimeError(f"The server exited with status {self.process.returncode}:\n{self.output()}")
         children: dict[int, list[int]] = collections.defaultdict(list)
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:  # the parent pid is the second field after the parenthesised command name
                 children[int(stat.read_text().rsplit(")", 1)[1].split()[1])].append(int(stat.parent.name))
             except (OSError, ValueError, IndexError):
                 continue  # a process that ended while we looked
-        total, pending = 0, [self.process.pid]
+        total, pending, seen = 0, [self.process.pid], set()
         while pending:
             pid = pending.pop()
+            if pid in seen:  # a pid reused while we scanned
+                continue
+            seen.add(pid)
             pending.extend(children.get(pid, ()))
             try:
                 lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()

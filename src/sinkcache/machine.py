@@ -78,7 +78,7 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> option number for mallopt(3)
-MAX_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for its dynamic threshold on 64-bit; mallopt takes a C int
+MAX_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold on 64-bit
 
 
 def is_glibc() -> bool:
@@ -102,7 +102,8 @@ def fix_mmap_threshold(nbytes: int) -> bool:
     as it is).
 
     Args:
-        nbytes: the threshold, 1 byte to 32 MiB (larger values would not fit mallopt's C ``int`` on every glibc).
+        nbytes: the threshold, 1 byte to 32 MiB, glibc's own ceiling (``mallopt`` takes a C ``int``: a value past
+            2 GiB would wrap silently, and one above the ceiling is not what a server wants).
 
     Returns True once set; False, changing nothing, where the C library is not glibc (musl, macOS, Windows) or
     glibc refused the value.

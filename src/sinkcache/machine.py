@@ -40,10 +40,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def status_bytes(key: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``"VmRSS"``, ``"VmHWM"``) in bytes, or ``None`` where unavailable."""
+def status_bytes(key: str, pid: int | str = "self", file: str = "status") -> int | None:
+    """A ``kB`` field of ``/proc/<pid>/<file>`` in bytes (``"VmRSS"`` and ``"VmHWM"`` of ``status``, ``"Pss"`` of
+    ``smaps_rollup``), or ``None`` where unavailable (not Linux, or the process has gone)."""
     try:
-        lines = Path("/proc/self/status").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/{file}").read_text().splitlines()
     except OSError:
         return None
     for line in lines:

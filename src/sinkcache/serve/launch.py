@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .. import machine
+
 
 def serve_command(*args: str) -> list[str]:
     """``python -m sinkcache serve --host 127.0.0.1 --port 0 ARGS...`` with this interpreter (any free port)."""
@@ -82,13 +84,7 @@ class Server:
     def rss_bytes(self) -> int:
         """The server process's resident memory in bytes (Linux ``/proc``; 0 elsewhere)."""
         assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status")
-        if not status.exists():
-            return 0
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return machine.status_bytes("VmRSS", self.process.pid) or 0
 
     def tree_pss_bytes(self) -> int:
         """The proportional set size (PSS) of the server and every process it started, in bytes (Linux; 0
@@ -110,11 +106,7 @@ class Server:
                 continue
             seen.add(pid)
             pending.extend(children.get(pid, ()))
-            try:
-                lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-            except OSError:
-                continue
-            total += next((int(line.split()[1]) * 1024 for line in lines if line.startswith("Pss:")), 0)
+            total += machine.status_bytes("Pss", pid, "smaps_rollup") or 0  # 0 for one that ended meanwhile
         return total
 
     def stop(self) -> None:
